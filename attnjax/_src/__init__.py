@@ -1,0 +1,1 @@
+"""Private implementation of attnjax. Don't import from ``attnjax._src``: use ``attnjax``."""

@@ -1,0 +1,334 @@
+"""The public entry point: :func:`dot_product_attention`, input checks and dispatch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax._src import dropout as dropout_lib
+from attnjax._src.chunked import attention_chunked
+from attnjax._src.config import ChunkSize, as_chunk_size
+from attnjax._src.masks import MaskInfo, to_grouped
+from attnjax._src.xla import attention_xla
+
+IMPLEMENTATIONS = ("xla", "xla_chunked")
+
+# implementation=None picks "xla" while the full score tensor B·N·T·S stays at most this many
+# elements (16 MiB of float32), and "xla_chunked" beyond.
+AUTO_MATERIALISE_MAX_SCORES = 1 << 22
+
+
+def _shape_str(x) -> str:
+    return str(tuple(x.shape))
+
+
+def _check_float(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def _check_int_array(name: str, x, shape: Sequence[int], what: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {_shape_str(x)}")
+    return x.astype(jnp.int32)
+
+
+def _as_4d(name: str, x, full: tuple[int, int, int, int]):
+    """Left-pad ``x`` to rank 4 and check it broadcasts to ``full`` = (B, N, T, S)."""
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(
+            f"{name} must have rank <= 4 and broadcast to (B, N, T, S) = {full}, "
+            f"got shape {_shape_str(x)}"
+        )
+    x4 = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    for got, want in zip(x4.shape, full, strict=True):
+        if got not in (1, want):
+            raise ValueError(
+                f"{name} of shape {_shape_str(x)} does not broadcast to (B, N, T, S) = {full}"
+            )
+    return x4
+
+
+def _normalise_window(local_window_size):
+    if local_window_size is None:
+        return None
+    if isinstance(local_window_size, bool):
+        raise TypeError(f"local_window_size must be an int or (left, right) pair, got {local_window_size!r}")
+    if isinstance(local_window_size, int | np.integer):
+        pair = (int(local_window_size), int(local_window_size))
+    elif isinstance(local_window_size, Sequence) and len(local_window_size) == 2:
+        pair = tuple(int(w) for w in local_window_size)
+    else:
+        raise TypeError(
+            f"local_window_size must be an int or a (left, right) pair of ints, got {local_window_size!r}"
+        )
+    if pair[0] < 0 or pair[1] < 0:
+        raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
+    return pair
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    query_segment_ids=None,
+    key_value_segment_ids=None,
+    query_offset=None,
+    logits_soft_cap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    implementation: str | None = None,
+    chunk_size: ChunkSize | int | tuple[int, int] | None = None,
+    precision=None,
+    return_residual: bool = False,
+):
+    r"""Scaled dot-product attention, exact, in memory linear in sequence length.
+
+    A drop-in replacement for :func:`jax.nn.dot_product_attention`: every argument the two share
+    has the same name, shape and meaning. For each head
+
+    .. math::
+
+       \mathrm{Attention}(Q, K, V) = \mathrm{softmax}\big(\mathrm{cap}(s\,QK^T) + B\big)\,V
+
+    where ``s`` is ``scale`` and ``cap(x) = c·tanh(x / c)`` when ``logits_soft_cap`` is ``c``.
+
+    Shape letters: B batch, T query length, S key/value length, N query heads, K key/value heads,
+    G = N // K query heads per kv head, H query/key head dim, Hv value head dim.
+
+    Masks combine with a logical AND; entry ``(b, n, i, j)`` is visible when all of these hold:
+
+    * ``mask[b, n, i, j]`` (boolean, True = attend), if given;
+    * ``is_causal``: ``j <= i + query_offset[b]``;
+    * ``local_window_size = (left, right)``:
+      ``i + query_offset[b] - left <= j <= i + query_offset[b] + right``
+      (an int ``w`` means ``(w, w)``);
+    * ``i < query_seq_lengths[b]`` and ``j < key_value_seq_lengths[b]``;
+    * ``query_segment_ids[b, i] == key_value_segment_ids[b, j]``.
+
+    **Fully masked rows.** A query row that sees no key at all (by any combination of masks)
+    gets an output of exactly zero, zero gradients and a log-sum-exp of ``-inf``, in every dtype
+    and implementation. This differs from ``jax.nn.dot_product_attention``, which returns the
+    average of all values for such rows (except rows cut off by ``query_seq_lengths``, which it
+    also zeroes).
+
+    Args:
+      query: ``(BTNH|TNH)`` floating array.
+      key: ``(BSKH|SKH)``, same dtype as ``query``; ``N % K == 0`` (GQA/MQA without copying
+        K/V per query head).
+      value: ``(BSKHv|SKHv)``, same dtype; the value head dim may differ from ``H``.
+      bias: optional floating array added to the logits, rank <= 4, broadcastable to
+        ``(BNTS|NTS)``. It is differentiable (its gradient is summed over broadcast dims).
+      mask: optional boolean array, rank <= 4, broadcastable to ``(BNTS|NTS)``; True = attend.
+      scale: logit scale; ``None`` means ``1 / sqrt(H)``.
+      is_causal: causal mask, aligned by ``query_offset`` (default top-left, as ``jax.nn``).
+      query_seq_lengths: int ``(B)``: query rows ``>=`` the length are masked (output zero).
+      key_value_seq_lengths: int ``(B)``: keys ``>=`` the length are masked.
+      local_window_size: ``int`` or ``(left, right)`` window around ``i + query_offset``.
+      query_segment_ids: int ``(BT|T)``; key_value_segment_ids: int ``(BS|S)``. Give both or
+        neither: a query attends only to keys of the same segment (packed sequences).
+      query_offset: int or int ``(B)``: the position of query row 0 among the keys, used by the
+        causal and window masks. ``0`` (default) is ``jax.nn``'s top-left alignment; ``S - T`` is
+        the bottom-right alignment used for decoding and chunked prefill.
+      logits_soft_cap: ``c > 0``: logits become ``c * tanh(logits / c)`` before bias and masks.
+        ``None`` turns it off.
+      dropout_rate: probability of dropping an attention weight (kept weights are scaled by
+        ``1 / (1 - rate)``), in ``[0, 1)``.
+      dropout_rng: a PRNG key, required when ``dropout_rate > 0``. The keep-mask is a function of
+        the key and the ``(b, n, i, j)`` position only: it is regenerated block by block (never
+        stored) and is identical across implementations and chunk sizes.
+      implementation: ``"xla"`` (materialised scores; memory O(B·N·T·S)), ``"xla_chunked"``
+        (online softmax over chunks; memory O(T·H + chunk²), forward and backward), or ``None``:
+        ``"xla"`` while ``B·N·T·S <= 2**22`` (small problems, e.g. decoding one token), else
+        ``"xla_chunked"``. A named implementation never falls back to another.
+      chunk_size: for ``"xla_chunked"``: a :class:`ChunkSize`, an int (both sizes) or a
+        ``(query, key)`` pair; default ``ChunkSize()`` (512, 512). Any length works.
+      precision: passed to the matmuls (``jax.lax.Precision`` or ``None``).
+      return_residual: also return the log-sum-exp of the (masked, scaled) logits, shape
+        ``(BTN|TN)``, in the input dtype as in ``jax.nn``. Unlike ``jax.nn``, it is
+        differentiable.
+
+    Returns:
+      The attention output ``(BTNHv|TNHv)`` in the input dtype, or ``(output, lse)`` when
+      ``return_residual``.
+
+    Raises:
+      ValueError: wrong ranks, mismatched batch/length/head dims, ``N % K != 0``, masks, bias,
+        segment ids or lengths of the wrong shape, a bad window, soft cap or dropout rate,
+        dropout without a key, an unknown implementation, bad chunk sizes.
+      TypeError: non-floating or mixed q/k/v dtypes, non-boolean mask, non-integer ids/lengths.
+
+    Example:
+      >>> import jax, attnjax
+      >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 4096, 8, 64))
+      >>> out = attnjax.dot_product_attention(q, k, v, is_causal=True)
+      >>> out.shape
+      (2, 4096, 8, 64)
+    """
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_float(name, x)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            "query, key and value must have the same dtype, got "
+            f"query={query.dtype}, key={key.dtype}, value={value.dtype}"
+        )
+    if query.ndim not in (3, 4):
+        raise ValueError(f"query must have rank 4 (B, T, N, H) or 3 (T, N, H), got shape {_shape_str(query)}")
+    for name, x in (("key", key), ("value", value)):
+        if x.ndim != query.ndim:
+            raise ValueError(
+                f"{name} must have the same rank as query ({query.ndim}), got shape {_shape_str(x)}"
+            )
+    unbatched = query.ndim == 3
+    if unbatched:
+        query, key, value = query[None], key[None], value[None]
+    B, T, N, H = query.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(
+            f"batch dims differ: query {_shape_str(query)}, key {_shape_str(key)}, value {_shape_str(value)}"
+        )
+    S, K = key.shape[1], key.shape[2]
+    if key.shape[3] != H:
+        raise ValueError(f"key head dim must equal query head dim {H}, got key shape {_shape_str(key)}")
+    if value.shape[1] != S or value.shape[2] != K:
+        raise ValueError(
+            f"value must have shape (B, S, K, Hv) = ({B}, {S}, {K}, Hv) like key, got {_shape_str(value)}"
+        )
+    if min(T, S, N, K, H, value.shape[3]) == 0:
+        raise ValueError(
+            f"all dims must be non-zero, got query {_shape_str(query)}, key {_shape_str(key)}, "
+            f"value {_shape_str(value)}"
+        )
+    if N % K != 0:
+        raise ValueError(
+            f"the number of query heads N={N} must be a multiple of the number of key/value heads K={K}"
+        )
+    G = N // K
+    full = (B, N, T, S)
+
+    # ---- masks ----
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        _check_float("bias", bias)
+        bias = _as_4d("bias", bias, full)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must have dtype bool (True = attend), got {mask.dtype}")
+        mask = _as_4d("mask", mask, full)
+
+    def batched_ids(name, x, length, letter):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        if unbatched and x.ndim == 1:
+            x = x[None]
+        return _check_int_array(name, x, (B, length), f"(B, {letter})")
+
+    q_seg = batched_ids("query_segment_ids", query_segment_ids, T, "T")
+    kv_seg = batched_ids("key_value_segment_ids", key_value_segment_ids, S, "S")
+    if (q_seg is None) != (kv_seg is None):
+        raise ValueError(
+            "query_segment_ids and key_value_segment_ids must be given together, got "
+            f"query_segment_ids={'None' if q_seg is None else 'array'}, "
+            f"key_value_segment_ids={'None' if kv_seg is None else 'array'}"
+        )
+
+    def lengths(name, x, bound):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        if unbatched and x.ndim == 0:
+            x = x[None]
+        x = _check_int_array(name, x, (B,), "(B,)")
+        return jnp.clip(x, 0, bound)
+
+    q_lens = lengths("query_seq_lengths", query_seq_lengths, T)
+    kv_lens = lengths("key_value_seq_lengths", key_value_seq_lengths, S)
+
+    offset = None
+    if query_offset is not None:
+        if isinstance(query_offset, int | np.integer) and not isinstance(query_offset, bool):
+            offset = None if int(query_offset) == 0 else jnp.asarray(int(query_offset), jnp.int32)
+        else:
+            off = jnp.asarray(query_offset)
+            if not jnp.issubdtype(off.dtype, jnp.integer):
+                raise TypeError(f"query_offset must be an int or an integer array, got {off.dtype}")
+            if off.ndim == 0:
+                offset = off.astype(jnp.int32)
+            elif off.shape == (B,):
+                offset = off.astype(jnp.int32)
+            else:
+                raise ValueError(f"query_offset must be an int or have shape (B,) = ({B},), got {_shape_str(off)}")
+
+    window = _normalise_window(local_window_size)
+    if not isinstance(is_causal, bool | np.bool_):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+
+    if logits_soft_cap is not None:
+        if not isinstance(logits_soft_cap, int | float) or isinstance(logits_soft_cap, bool):
+            raise TypeError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
+        if not logits_soft_cap > 0 or not math.isfinite(logits_soft_cap):
+            raise ValueError(f"logits_soft_cap must be a positive finite float or None, got {logits_soft_cap}")
+
+    # ---- dropout ----
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, int | float):
+        raise TypeError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    seed = None
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError(f"dropout_rate={dropout_rate} > 0 needs a dropout_rng key, got None")
+        seed = dropout_lib.seed_from_key(jnp.asarray(dropout_rng))
+
+    # ---- scale, implementation, chunks ----
+    if scale is None:
+        scale = 1.0 / math.sqrt(H)
+    else:
+        try:
+            scale = float(scale)
+        except TypeError:
+            raise TypeError(f"scale must be a Python float or None, got {scale!r}") from None
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    chunks = as_chunk_size(chunk_size)
+    if implementation is None:
+        implementation = "xla" if B * N * T * S <= AUTO_MATERIALISE_MAX_SCORES else "xla_chunked"
+
+    mask5 = None if mask is None else to_grouped(mask, K, T, S, False)
+    bias5 = None if bias is None else to_grouped(bias, K, T, S, 0)
+    info = MaskInfo(
+        q_len=T, kv_len=S, is_causal=bool(is_causal), window=window, query_offset=offset,
+        q_lengths=q_lens, kv_lengths=kv_lens, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+        mask=mask5,
+    )
+    common = dict(scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=float(dropout_rate),
+                  seed=seed, precision=precision)
+    if implementation == "xla":
+        out, lse = attention_xla(query, key, value, bias, info, **common)
+    else:
+        cq, ck = chunks.resolve(T, S)
+        out, lse = attention_chunked(query, key, value, bias5, info, q_chunk=cq, k_chunk=ck, **common)
+    if unbatched:
+        out, lse = out[0], lse[0]
+    if return_residual:
+        return out, lse.astype(out.dtype)
+    return out

@@ -1,0 +1,325 @@
+"""The memory-efficient implementation (``implementation="xla_chunked"``).
+
+Online-softmax attention over key chunks (Rabe & Staats 2021; FlashAttention), query chunks
+processed independently, with a ``jax.custom_vjp`` whose residuals are only the inputs, the output
+and the log-sum-exp; the backward pass recomputes each score block (FlashAttention-2 style).
+Temporary memory is O(T·H + B·N·chunk²), forward and backward.
+
+Layout. Inputs are transposed once to a chunk-major layout, queries ``(nq, B, K, G, cq, H)`` and
+keys/values ``(nk, B, K, ck, H)``, so that every matmul is a plain batched matmul over (B, K) with
+no copy of K/V per query head (GQA). Masks are built per block from positions by
+:class:`~attnjax._src.masks.MaskInfo`; key blocks a causal/window/length mask hides entirely are
+never computed, and blocks it shows entirely skip the masking work.
+
+Backward. Key blocks are the outer loop (dK, dV accumulate in registers), query blocks the inner
+loop. Scores are recomputed transposed, ``sᵀ = K·Qᵀ``, so that every product is of the form
+``A·B`` or ``A·Bᵀ`` and none needs a transposed left operand (those fall off XLA:CPU's fast
+matmul path): ``dV += Pᵀ·dO``, ``dK += dSᵀ·Q``, and ``dQᵀ += Kᵀ·dSᵀ`` (``Kᵀ`` of one block
+transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax._src import dropout as dropout_lib
+from attnjax._src.masks import KQ, QK, MaskInfo, slice_block
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Hashable, static settings of one chunked call."""
+
+    scale: float  # applied inside the kernel (1.0 when folded into q beforehand)
+    logits_soft_cap: float | None
+    dropout_rate: float
+    precision: Any
+    num_q: int  # number of query chunks
+    num_k: int  # number of key chunks
+    q_chunk: int
+    k_chunk: int
+    kv_len: int  # true S (keys >= S are padding)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def _dot(a, b, contract_a, contract_b, precision):
+    """Batched matmul over the leading (B, K) dims, float32 result."""
+    return lax.dot_general(
+        a, b, ((contract_a, contract_b), ((0, 1), (0, 1))),
+        precision=precision, preferred_element_type=_F32,
+    )
+
+
+def _logits(s, st: _Static, bias_blk, vis):
+    """Scale, soft-cap, bias and mask one raw score block. Returns (logits, tanh or None)."""
+    if st.scale != 1.0:
+        s = s * _F32(st.scale)
+    t = None
+    if st.logits_soft_cap is not None:
+        c = _F32(st.logits_soft_cap)
+        t = jnp.tanh(s / c)
+        s = c * t
+    if bias_blk is not None:
+        s = s + bias_blk.astype(_F32)
+    if vis is not None:
+        s = jnp.where(vis, s, -jnp.inf)
+    return s, t
+
+
+def _three_loops(ranges, masked_body, plain_body, carry, always_masked: bool):
+    """Run blocks ``[lo, flo)`` and ``[fhi, hi)`` masked and ``[flo, fhi)`` unmasked."""
+    lo, flo, fhi, hi = ranges
+    if always_masked:
+        return lax.fori_loop(lo, hi, masked_body, carry)
+    carry = lax.fori_loop(lo, flo, masked_body, carry)
+    carry = lax.fori_loop(flo, fhi, plain_body, carry)
+    return lax.fori_loop(fhi, hi, masked_body, carry)
+
+
+def _needs_mask(info: MaskInfo, st: _Static) -> bool:
+    return not info.is_trivial(st.num_k * st.k_chunk)
+
+
+def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
+    """Chunked forward. Returns ``out (nq, B, K, G, cq, Hv)`` and ``lse (nq, B, K, G, cq)`` (f32)."""
+    nq, B, K, G, cq, _ = qc.shape
+    nk, ck = st.num_k, st.k_chunk
+    Hv = vc.shape[-1]
+    padded_kv = nk * ck
+    needs_mask = _needs_mask(info, st)
+
+    def q_step(xs):
+        i, qb = xs
+        q_start = i * cq
+
+        def make_body(masked: bool):
+            def body(j, carry):
+                m, l, acc = carry
+                kb = lax.dynamic_index_in_dim(kc, j, keepdims=False)
+                vb = lax.dynamic_index_in_dim(vc, j, keepdims=False)
+                k_start = j * ck
+                s = _dot(qb, kb, (4,), (3,), st.precision)  # (B, K, G, cq, ck)
+                bias_blk = None if bias5 is None else slice_block(bias5, q_start, cq, k_start, ck, QK)
+                vis = info.visible(q_start, cq, k_start, ck, QK, padded_kv) if masked else None
+                s, _ = _logits(s, st, bias_blk, vis)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = jnp.exp(s - m_use[..., None])
+                alpha = jnp.exp(m - m_use)
+                l = l * alpha + jnp.sum(p, axis=-1)
+                if st.dropout_rate > 0.0:
+                    keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
+                                                 st.dropout_rate, QK)
+                    p = jnp.where(keep, p * _F32(1.0 / (1.0 - st.dropout_rate)), 0.0)
+                pv = _dot(p.astype(vc.dtype), vb, (4,), (2,), st.precision)  # (B, K, G, cq, Hv)
+                acc = acc * alpha[..., None] + pv
+                return m_new, l, acc
+
+            return body
+
+        carry = (
+            jnp.full((B, K, G, cq), -jnp.inf, _F32),
+            jnp.zeros((B, K, G, cq), _F32),
+            jnp.zeros((B, K, G, cq, Hv), _F32),
+        )
+        if needs_mask:
+            ranges = info.key_block_ranges(q_start, cq, ck, nk)
+            carry = _three_loops(ranges, make_body(True), make_body(False), carry, info.has_dense)
+        else:
+            carry = lax.fori_loop(0, nk, make_body(False), carry)
+        m, l, acc = carry
+        safe_l = jnp.where(l > 0, l, 1.0)
+        out = acc / safe_l[..., None]
+        lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+        return out.astype(qc.dtype), lse
+
+    return lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc))
+
+
+def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static):
+    """Chunked backward (key blocks outer). Returns ``dqc, dkc, dvc, dbias5``."""
+    nq, B, K, G, cq, H = qc.shape
+    nk, ck = st.num_k, st.k_chunk
+    Hv = vc.shape[-1]
+    padded_kv = nk * ck
+    needs_mask = _needs_mask(info, st)
+    dt = qc.dtype
+
+    # D_i = rowsum(dO_i * O_i) - dlse_i (the log-sum-exp's own cotangent folds in here).
+    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
+    # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
+    lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    dq_t0 = jnp.zeros((nq, B, K, H, G, cq), _F32)
+    dbias0 = None if bias5 is None else jnp.zeros(bias5.shape, _F32)
+
+    def k_step(carry, xs):
+        dq_t, dbias = carry
+        j, kb, vb = xs
+        k_start = j * ck
+        k_t = jnp.swapaxes(kb, -1, -2)  # (B, K, H, ck): one small transpose per key block
+
+        def make_body(masked: bool):
+            def body(i, c):
+                dk, dv, dq_t, dbias = c
+                qb = lax.dynamic_index_in_dim(qc, i, keepdims=False)
+                dob = lax.dynamic_index_in_dim(dout, i, keepdims=False)
+                lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
+                d_b = lax.dynamic_index_in_dim(delta, i, keepdims=False)
+                q_start = i * cq
+                s_t = _dot(kb, qb, (3,), (4,), st.precision)  # (B, K, ck, G, cq)
+                bias_blk = None if bias5 is None else slice_block(bias5, q_start, cq, k_start, ck, KQ)
+                vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
+                z, t = _logits(s_t, st, bias_blk, vis)
+                p_t = jnp.exp(z - lse_b[:, :, None])
+                if st.dropout_rate > 0.0:
+                    keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
+                                                 st.dropout_rate, KQ)
+                    inv = _F32(1.0 / (1.0 - st.dropout_rate))
+                    pd_t = jnp.where(keep, p_t * inv, 0.0)
+                else:
+                    pd_t = p_t
+                dv = dv + _dot(pd_t.astype(vc.dtype), dob, (3, 4), (2, 3), st.precision)
+                dp_t = _dot(vb, dob, (3,), (4,), st.precision)  # (B, K, ck, G, cq)
+                if st.dropout_rate > 0.0:
+                    dp_t = jnp.where(keep, dp_t * inv, 0.0)
+                ds_t = p_t * (dp_t - d_b[:, :, None])
+                if dbias is not None:
+                    dbias = _add_dbias(dbias, ds_t, q_start, cq, k_start, ck)
+                if t is not None:
+                    ds_t = ds_t * (1.0 - t * t)
+                if st.scale != 1.0:
+                    ds_t = ds_t * _F32(st.scale)
+                ds_c = ds_t.astype(dt)
+                dk = dk + _dot(ds_c, qb, (3, 4), (2, 3), st.precision)  # (B, K, ck, H)
+                dq_blk = _dot(k_t, ds_c, (3,), (2,), st.precision)  # (B, K, H, G, cq)
+                prev = lax.dynamic_index_in_dim(dq_t, i, keepdims=False)
+                dq_t = lax.dynamic_update_index_in_dim(dq_t, prev + dq_blk, i, 0)
+                return dk, dv, dq_t, dbias
+
+            return body
+
+        c = (jnp.zeros((B, K, ck, H), _F32), jnp.zeros((B, K, ck, Hv), _F32), dq_t, dbias)
+        if needs_mask:
+            ranges = info.query_block_ranges(k_start, ck, cq, nq)
+            c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)
+        else:
+            c = lax.fori_loop(0, nq, make_body(False), c)
+        dk, dv, dq_t, dbias = c
+        return (dq_t, dbias), (dk.astype(kc.dtype), dv.astype(vc.dtype))
+
+    (dq_t, dbias), (dkc, dvc) = lax.scan(
+        k_step, (dq_t0, dbias0), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
+    )
+    dqc = jnp.transpose(dq_t, (0, 1, 2, 4, 5, 3)).astype(dt)
+    if dbias is not None:
+        dbias = dbias.astype(bias5.dtype)
+    return dqc, dkc, dvc, dbias
+
+
+def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
+    """Add one block's bias gradient (summed over the bias's broadcast dims) into ``dbias``."""
+    g = jnp.transpose(ds_t, (0, 1, 3, 4, 2))  # (B, K, G, cq, ck)
+    axes = tuple(a for a in range(5) if dbias.shape[a] == 1 and g.shape[a] != 1)
+    if axes:
+        g = jnp.sum(g, axis=axes, keepdims=True)
+    starts = (0, 0, 0, q_start if dbias.shape[3] != 1 else 0, k_start if dbias.shape[4] != 1 else 0)
+    prev = lax.dynamic_slice(dbias, starts, g.shape)
+    return lax.dynamic_update_slice(dbias, prev + g, starts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(qc, kc, vc, bias5, info, seed, st):
+    return _forward(qc, kc, vc, bias5, info, seed, st)
+
+
+def _core_fwd(qc, kc, vc, bias5, info, seed, st):
+    out, lse = _forward(qc, kc, vc, bias5, info, seed, st)
+    return (out, lse), (qc, kc, vc, bias5, info, seed, out, lse)
+
+
+def _core_bwd(st, res, cts):
+    qc, kc, vc, bias5, info, seed, out, lse = res
+    dout, dlse = cts
+    dqc, dkc, dvc, dbias = _backward(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse, st)
+    return dqc, dkc, dvc, dbias, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_soft_cap,
+                      dropout_rate: float, seed, precision, q_chunk: int, k_chunk: int):
+    """Chunked attention on validated inputs.
+
+    Args:
+      q: ``(B, T, N, H)``; k: ``(B, S, K, H)``; v: ``(B, S, K, Hv)``.
+      bias5: ``None`` or ``(Bb, Kb, Gb, Tb, Sb)`` (grouped, unpadded, each dim 1 or full).
+      info: the masks, with a grouped (unpadded) dense mask.
+      seed: uint32 scalar dropout seed, or None.
+
+    Returns:
+      ``out (B, T, N, Hv)`` in q's dtype and ``lse (B, T, N)`` float32.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    Hv = v.shape[-1]
+    nq, nk = -(-T // q_chunk), -(-S // k_chunk)
+    tp, sp = nq * q_chunk, nk * k_chunk
+
+    # Fold the scale into q where that is exact enough (float32/64); else apply it per block.
+    fold = jnp.dtype(q.dtype).itemsize >= 4
+    if fold:
+        q = q * jnp.asarray(scale, q.dtype)
+    st = _Static(
+        scale=1.0 if fold else float(scale),
+        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        dropout_rate=float(dropout_rate),
+        precision=precision,
+        num_q=nq, num_k=nk, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S,
+    )
+    qc = _pad_axis(q, 1, tp).reshape(B, nq, q_chunk, K, G, H).transpose(1, 0, 3, 4, 2, 5)
+    kc = _pad_axis(k, 1, sp).reshape(B, nk, k_chunk, K, H).transpose(1, 0, 3, 2, 4)
+    vc = _pad_axis(v, 1, sp).reshape(B, nk, k_chunk, K, Hv).transpose(1, 0, 3, 2, 4)
+    if bias5 is not None:
+        if bias5.shape[3] != 1:
+            bias5 = _pad_axis(bias5, 3, tp)
+        if bias5.shape[4] != 1:
+            bias5 = _pad_axis(bias5, 4, sp)
+    info = _pad_info(info, tp, sp)
+    out, lse = _core(qc, kc, vc, bias5, info, seed, st)
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :T]
+    lse = lse.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :T]
+    return out, lse
+
+
+def _pad_info(info: MaskInfo, tp: int, sp: int) -> MaskInfo:
+    """Pad the per-position arrays of ``info`` to the chunk-padded lengths."""
+    changes = {}
+    if info.q_segment_ids is not None:
+        changes["q_segment_ids"] = _pad_axis(info.q_segment_ids, 1, tp)
+        changes["kv_segment_ids"] = _pad_axis(info.kv_segment_ids, 1, sp)
+    if info.mask is not None:
+        m = info.mask
+        if m.shape[3] != 1:
+            m = _pad_axis(m, 3, tp, False)
+        if m.shape[4] != 1:
+            m = _pad_axis(m, 4, sp, False)
+        changes["mask"] = m
+    return dataclasses.replace(info, **changes) if changes else info
