@@ -220,7 +220,6 @@ def dot_product_attention(
         raise ValueError(
             f"the number of query heads N={N} must be a multiple of the number of key/value heads K={K}"
         )
-    G = N // K
     full = (B, N, T, S)
 
     # ---- masks ----
