@@ -352,3 +352,16 @@ def test_dropout_forward_and_gradients_match_reference(impl):
     np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
     for g, w in ((dq, dq_w), (dk, dk_w), (dv, dv_w)):
         np.testing.assert_allclose(np.asarray(g), w, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+def test_traced_scale_as_in_jax_nn(impl):
+    q, k, v = _qkv()
+    ours = jax.jit(lambda s: attnjax.dot_product_attention(q, k, v, scale=s, implementation=impl))
+    theirs = jax.jit(lambda s: jax.nn.dot_product_attention(q, k, v, scale=s))
+    chex.assert_trees_all_close(ours(0.3), theirs(0.3), atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(
+        jax.grad(lambda s: jnp.sum(ours(s) ** 2))(0.3),
+        jax.grad(lambda s: jnp.sum(theirs(s) ** 2))(0.3),
+        rtol=1e-4,
+    )

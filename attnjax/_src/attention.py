@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,11 +302,17 @@ def dot_product_attention(
     # ---- scale, implementation, chunks ----
     if scale is None:
         scale = 1.0 / math.sqrt(H)
+    elif isinstance(scale, jax.core.Tracer):
+        # A traced scale (as jax.nn allows) cannot be a static kernel setting: fold it into q.
+        if not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+            raise TypeError(f"scale must be a float, got {jnp.result_type(scale)}")
+        query = query * jnp.asarray(scale, query.dtype)
+        scale = 1.0
     else:
         try:
             scale = float(scale)
         except TypeError:
-            raise TypeError(f"scale must be a Python float or None, got {scale!r}") from None
+            raise TypeError(f"scale must be a float or None, got {scale!r}") from None
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     chunks = as_chunk_size(chunk_size)
@@ -326,6 +333,8 @@ def dot_product_attention(
     else:
         cq, ck = chunks.resolve(T, S)
         out, lse = attention_chunked(query, key, value, bias5, info, q_chunk=cq, k_chunk=ck, **common)
+    chex.assert_shape(out, (B, T, N, value.shape[3]))
+    chex.assert_shape(lse, (B, T, N))
     if unbatched:
         out, lse = out[0], lse[0]
     if return_residual:
