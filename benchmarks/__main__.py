@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per cell (at most)")
     p.add_argument("--max-cell-seconds", type=float, default=1.5,
                    help="stop timing a cell once its timed runs add up to this (>= 1 run)")
-    p.add_argument("--max-run-seconds", type=float, default=4.0,
+    p.add_argument("--max-run-seconds", type=float, default=6.0,
                    help="skip a cell whose run time, predicted from the previous size (T² "
                         "scaling), exceeds this")
     p.add_argument("--warmup-max-seconds", type=float, default=1.0,
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget (default: 75%% of the device's memory or the RAM)")
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ceiling-size", type=int, default=2048,
+                   help="n of the jitted n×n float32 matmul that measures the ceiling")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("longest mode")
@@ -133,7 +135,7 @@ def run_sweep_cli(args) -> int:
                       impls=args.impl, modes=args.modes, causal=causal, repeats=args.repeats,
                       max_run_s=args.max_run_seconds, max_cell_s=args.max_cell_seconds,
                       warmup_max_s=args.warmup_max_seconds, budget_bytes=budget,
-                      seed=args.seed)
+                      ceiling_n=args.ceiling_size, seed=args.seed)
     print(f"attnjax-bench: B={cfg.batch} N={cfg.heads} H={cfg.head_dim} "
           f"T={','.join(map(str, cfg.sizes))} (+{','.join(map(str, cfg.long_sizes)) or 'none'} "
           f"memory-efficient only), {','.join(cfg.dtypes)}; memory budget "
@@ -171,7 +173,7 @@ def run_sweep_cli(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``attnjax-bench``; ``argv`` defaults to ``sys.argv[1:]``."""
     args = build_parser().parse_args(argv)
-    for name in ("batch", "heads", "head_dim", "repeats"):
+    for name in ("batch", "heads", "head_dim", "repeats", "ceiling_size"):
         if getattr(args, name) <= 0:
             build_parser().error(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(args, name)}")

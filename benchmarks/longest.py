@@ -23,8 +23,8 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _time_once(backend: Backend, case: Case, seed: int) -> float:
-    run = backend.compile(case).make_runner(seed)
+def _time_once(compiled, seed: int) -> float:
+    run = compiled.make_runner(seed)
     t0 = time.perf_counter()
     run()
     return time.perf_counter() - t0
@@ -47,9 +47,16 @@ def longest_for(backend: Backend, *, budget_bytes: int, batch: int, heads: int, 
     def case(t):
         return Case(batch, t, heads, head_dim, dtype=dtype, causal=causal, mode="fwd+bwd")
 
+    compiled = {}
+
+    def get(t):
+        if t not in compiled:
+            compiled[t] = backend.compile(case(t))
+        return compiled[t]
+
     t = start
     while t <= max_len:
-        c = backend.compile(case(t))
+        c = get(t)
         fits = c.total_bytes is not None and c.total_bytes <= budget_bytes
         res["tried"].append({"seq_len": t, "temp_bytes": c.temp_bytes,
                              "total_bytes": c.total_bytes, "compile_s": c.compile_s,
@@ -69,7 +76,7 @@ def longest_for(backend: Backend, *, budget_bytes: int, batch: int, heads: int, 
         res["note"] += "not confirmed (--no-confirm)"
         return res
     probe = min(probe_len, res["longest"])
-    t_probe = _time_once(backend, case(probe), seed)
+    t_probe = _time_once(get(probe), seed)
     target = res["longest"]
     est = t_probe * (target / probe) ** 2
     res["confirm_est_s"] = est
@@ -79,7 +86,7 @@ def longest_for(backend: Backend, *, budget_bytes: int, batch: int, heads: int, 
         res["note"] += (f"a run at T={res['longest']} would take ~{est:.0f} s "
                         f"(> --confirm-seconds {confirm_max_s:g}); confirmed at T={target}")
     try:
-        res["confirm_s"] = _time_once(backend, case(target), seed)
+        res["confirm_s"] = _time_once(get(target), seed)
         res["confirmed_len"] = target
     except Exception as e:  # noqa: BLE001 - reported, not raised
         res["note"] += f" confirmation run failed: {type(e).__name__}: {e}".splitlines()[0]
