@@ -161,7 +161,7 @@ def test_prefill_and_steps_equal_full_causal_forward(window):
     mask = nnx.make_causal_mask(jnp.ones((B, T)))
     if window is not None:
         i = jnp.arange(T)
-        mask = (mask > 0) & (i[None, :] >= i[:, None] - window)[None, None]
+        mask = (mask > 0) & (i[None, :] > i[:, None] - window)[None, None]  # last `window`
     full = stock(x, mask=mask)  # independent reference: stock module, windowed causal mask
     ours.init_cache((B, 16, F), window=window)
     parts = [ours(x[:, :5], decode=True)]  # prefill 5

@@ -18,9 +18,9 @@ Temporary memory of a step is O(B·N·T·C) for the score chunk (``C`` = key chu
 O(B·T·N·H), independent of the cache length ``S``.
 
 A sliding-window cache (``window=W``) is a ring buffer of ``W`` slots: position ``p`` lives in
-slot ``p % W``. A query at position ``p`` attends to itself and the ``W`` previous positions
-(the core's ``local_window_size=(W, 0)`` with ``is_causal=True``), so generation streams for
-ever in bounded memory.
+slot ``p % W``. A query at position ``p`` attends to the last ``W`` positions, itself included
+(the core's ``local_window_size=(W - 1, 0)`` with ``is_causal=True``), so generation streams
+for ever in bounded memory.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class KVCache:
         token. Rows may be at different positions.
       window: ``None`` for a plain cache (slot ``p`` holds position ``p``; at most ``L`` tokens),
         or ``W`` for a sliding-window ring buffer of ``L = W`` slots (unbounded length; every
-        query sees itself and the ``W`` previous positions). Static.
+        query sees the last ``W`` positions, itself included). Static.
     """
 
     key: jax.Array
@@ -77,7 +77,9 @@ class KVCache:
             ``window`` is given.
           num_kv_heads: K. head_dim: H. value_head_dim: Hv (default H).
           dtype: storage dtype of keys and values.
-          window: a positive int ``W`` for a sliding-window ring buffer of ``W`` slots.
+          window: a positive int ``W`` for a sliding-window ring buffer of ``W`` slots: each
+            token attends to the last ``W`` tokens, itself included (the core's
+            ``local_window_size=(W - 1, 0)``).
 
         Raises:
           ValueError: non-positive sizes, or neither ``max_length`` nor ``window``.
@@ -118,64 +120,83 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _attend_cache(qg, cache: KVCache, P, window_left, chunk: int, logits_soft_cap, precision):
-    """Attention of scaled queries ``qg (B, T, K, G, H)`` over the cached positions ``< P``.
+def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
+    """Online-softmax update of ``carry = (m, l, acc)`` with one key block.
 
-    Returns ``out (B, T, K, G, Hv)`` float32 (normalised) and ``lse (B, T, K, G)`` float32
-    (``-inf`` where nothing is visible).
+    ``qg (B, T, K, G, H)`` scaled float32 queries, ``kb (B, C, K, H)``, ``vb (B, C, K, Hv)``,
+    ``vis`` boolean broadcastable to ``(B, T, C)``.
     """
-    B, T, K, G, _ = qg.shape
-    L = cache.capacity
-    Hv = cache.value.shape[-1]
+    m, l, acc = carry
+    s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=_F32,
+                   precision=precision)
+    if logits_soft_cap is not None:
+        cap = _F32(logits_soft_cap)
+        s = cap * jnp.tanh(s / cap)
+    s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_use[..., None])
+    alpha = jnp.exp(m - m_use)
+    l = l * alpha + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(vb.dtype), vb, preferred_element_type=_F32,
+                    precision=precision)
+    return m_new, l, acc * alpha[..., None] + pv
+
+
+def _visible(pos, valid, qpos, window_left):
+    """``(B, T, C)`` visibility of keys at ``pos (B, C)`` (``valid (B, C)``) for ``qpos (B, T)``."""
+    vis = valid[:, None, :]
+    if window_left is not None:
+        vis = vis & (pos[:, None, :] >= qpos[:, :, None] - window_left)
+    return vis
+
+
+def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
+                  logits_soft_cap, precision, carry):
+    """Merge into ``carry`` the attention of ``qg (B, T, K, G, H)`` over the cached positions
+    ``< P`` still present in the (already updated) buffers ``key``/``value`` ``(B, L, K, H)``,
+    which hold every position ``< P_end`` that fits.
+
+    Chunks of ``C`` slots are read in place with ``dynamic_slice``; the loop runs only over
+    chunks that can hold a visible position (dynamic trip count).
+    """
+    B, T = qg.shape[:2]
+    L = key.shape[1]
     C = min(chunk, L)
-    ring = cache.window is not None
-    filled = jnp.minimum(P, L)  # slots holding a position < P
+    filled = jnp.minimum(P, L)  # slots holding a position < P (in order, for a plain cache)
     hi = (jnp.max(filled) + C - 1) // C
     lo = jnp.int32(0)
     if window_left is not None and not ring:
         # Keys before min(P) - window_left are hidden from every query: skip their chunks.
         lo = jnp.maximum(jnp.min(P) - window_left, 0) // C
+    if ring:
+        hi = jnp.int32(-(-L // C))
     qpos = P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # (B, T)
     Pc = P[:, None]
 
     def body(c, carry):
-        m, l, acc = carry
         start = jnp.minimum(c * C, L - C)  # the last chunk overlaps the previous one
-        kb = lax.dynamic_slice_in_dim(cache.key, start, C, axis=1)  # (B, C, K, H)
-        vb = lax.dynamic_slice_in_dim(cache.value, start, C, axis=1)
+        kb = lax.dynamic_slice_in_dim(key, start, C, axis=1)  # (B, C, K, H)
+        vb = lax.dynamic_slice_in_dim(value, start, C, axis=1)
         slots = start + jnp.arange(C, dtype=jnp.int32)
         if ring:
-            pos = Pc - 1 - jnp.mod(Pc - 1 - slots[None, :], L)  # newest position in the slot
-            valid = pos >= 0
+            # the slot holds its newest position < P_end; those >= P are this step's tokens
+            last = P_end[:, None] - 1
+            pos = last - jnp.mod(last - slots[None, :], L)
+            valid = (pos >= 0) & (pos < Pc)
         else:
             pos = jnp.broadcast_to(slots[None, :], (B, C))
             valid = pos < Pc
         valid = valid & (slots >= c * C)[None, :]  # overlap of the last chunk: counted already
-        vis = valid[:, None, :]  # (B, 1, C)
-        if window_left is not None:
-            vis = vis & (pos[:, None, :] >= qpos[:, :, None] - window_left)  # (B, T, C)
-        s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=_F32,
-                       precision=precision)
-        if logits_soft_cap is not None:
-            cap = _F32(logits_soft_cap)
-            s = cap * jnp.tanh(s / cap)
-        s = jnp.where(vis[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_use[..., None])
-        alpha = jnp.exp(m - m_use)
-        l = l * alpha + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(vb.dtype), vb,
-                        preferred_element_type=_F32, precision=precision)
-        acc = acc * alpha[..., None] + pv
-        return m_new, l, acc
+        return _block_update(carry, qg, kb, vb, _visible(pos, valid, qpos, window_left),
+                             logits_soft_cap, precision)
 
-    carry = (
-        jnp.full((B, K, G, T), -jnp.inf, _F32),
-        jnp.zeros((B, K, G, T), _F32),
-        jnp.zeros((B, K, G, T, Hv), _F32),
-    )
-    m, l, acc = lax.fori_loop(lo, hi, body, carry)
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+def _finish(carry):
+    """``(m, l, acc)`` -> normalised ``out (B, T, K, G, Hv)`` and ``lse (B, T, K, G)``."""
+    m, l, acc = carry
     safe_l = jnp.where(l > 0, l, 1.0)
     out = acc / safe_l[..., None]
     lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
@@ -213,8 +234,9 @@ def cached_attention(
 
     Row ``b``'s new tokens sit at positions ``P[b] + t`` (``P = cache.lengths``,
     ``t < T``). Each attends causally to all earlier positions of its row (the cached ones and
-    the new ones before it) and to itself; with ``cache.window = W`` or
-    ``local_window_size = w`` only to positions ``>= P[b] + t - W`` (resp. ``- w``). The result
+    the new ones before it) and to itself; with ``cache.window = W`` only to positions
+    ``> P[b] + t - W`` (the last ``W``), with ``local_window_size = w`` only to positions
+    ``>= P[b] + t - w``. The result
     equals ``dot_product_attention(q_all, k_all, v_all, is_causal=True)`` restricted to the new
     rows, where ``*_all`` hold the row's whole history (prefill with an empty cache and a prompt
     of any length, single-token steps, multi-token steps all use this one function).
@@ -289,7 +311,9 @@ def cached_attention(
     window = _normalise_window(local_window_size)
     window_left = None if window is None else window[0]
     if ring:
-        window_left = cache.window if window_left is None else min(window_left, cache.window)
+        # a ring of W slots: each token sees itself and the W - 1 previous tokens
+        w = cache.window - 1
+        window_left = w if window_left is None else min(window_left, w)
 
     P = cache.lengths.astype(jnp.int32)
     if query_seq_lengths is None:
@@ -319,16 +343,54 @@ def cached_attention(
     decode_chunk = DEFAULT_DECODE_CHUNK if chunk_size is None else chunks.key
     if scale is None:
         scale = 1.0 / math.sqrt(H)
-    G = N // K
 
-    # Cached part: scaled float32 queries (T rows only: small).
+    G = N // K
+    Hv = cache.value.shape[-1]
     qg = (query.astype(_F32) * _F32(scale)).reshape(B, T, K, G, H)
-    o_old, lse_old = _attend_cache(qg, cache, P, window_left, decode_chunk, logits_soft_cap,
-                                   precision)
+    qpos = P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    pos_new = P[:, None] + t  # (B, T)
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+    carry = (
+        jnp.full((B, K, G, T), -jnp.inf, _F32),
+        jnp.zeros((B, K, G, T), _F32),
+        jnp.zeros((B, K, G, T, Hv), _F32),
+    )
+
+    # 1. Ring buffer, multi-token step: the old entries this step overwrites (still visible to
+    #    its earlier queries) are gathered first (T slots) and attended to separately. XLA then
+    #    keeps the old buffer alive with one copy of the ring (W slots). Single-token steps need
+    #    no old entry (the one overwritten, position P - W, is outside every window) and update
+    #    the ring in place.
+    if ring and T > 1:
+        E = min(T, L)
+        te = t[:, :E]
+        slot_e = jnp.mod(pos_new[:, :E], L)
+        ke = cache.key[rows[:, :E], slot_e]  # (B, E, K, H)
+        ve = cache.value[rows[:, :E], slot_e]
+        pos_e = pos_new[:, :E] - L
+        valid_e = (pos_e >= 0) & ((n[:, None] >= L) | (te < n[:, None]))
+        carry = _block_update(carry, qg, ke, ve, _visible(pos_e, valid_e, qpos, window_left),
+                              logits_soft_cap, precision)
+
+    # 2. Write the valid new tokens into their slots first (out-of-range indices are dropped):
+    #    writing before reading lets XLA update a donated cache in place, with no copy.
+    if ring:
+        keep = (t < n[:, None]) & (t >= n[:, None] - L)
+        idx = jnp.where(keep, jnp.mod(pos_new, L), L)
+    else:
+        idx = jnp.where(t < n[:, None], pos_new, L)
+    new_key = cache.key.at[rows, idx].set(key.astype(cache.key.dtype), mode="drop")
+    new_value = cache.value.at[rows, idx].set(value.astype(cache.value.dtype), mode="drop")
+
+    # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
+    carry = _attend_cache(qg, new_key, new_value, P, P + n, window_left, ring, decode_chunk,
+                          logits_soft_cap, precision, carry)
+    o_old, lse_old = _finish(carry)
     o_old = o_old.reshape(B, T, N, Hv)
     lse_old = lse_old.reshape(B, T, N)
 
-    # New part: causal over the T new tokens, through the core, in float32 (T-sized arrays).
+    # 4. Causal attention over the T new tokens, through the core, in float32 (T-sized).
     up = (lambda x: x.astype(_F32)) if jnp.dtype(query.dtype).itemsize < 4 else (lambda x: x)
     o_new, lse_new = dot_product_attention(
         up(query), up(key), up(value), scale=scale, is_causal=True,
@@ -337,23 +399,13 @@ def cached_attention(
         logits_soft_cap=logits_soft_cap, implementation=implementation,
         chunk_size=chunk_size, precision=precision, return_residual=True,
     )
+
+    # 5. Exact merge by log-sum-exp.
     out, _ = _combine(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
-    row_ok = jnp.arange(T, dtype=jnp.int32)[None, :] < n[:, None]  # (B, T)
+    row_ok = t < n[:, None]  # (B, T)
     out = jnp.where(row_ok[..., None, None], out, 0.0)
     if overflow is not None:
         out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     out = out.astype(query.dtype)
-
-    # Write the valid new tokens into their slots (out-of-range indices are dropped).
-    t = jnp.arange(T, dtype=jnp.int32)[None, :]
-    pos = P[:, None] + t
-    if ring:
-        keep = (t < n[:, None]) & (t >= n[:, None] - L)
-        idx = jnp.where(keep, jnp.mod(pos, L), L)
-    else:
-        idx = jnp.where(t < n[:, None], pos, L)
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
-    new_key = cache.key.at[rows, idx].set(key.astype(cache.key.dtype), mode="drop")
-    new_value = cache.value.at[rows, idx].set(value.astype(cache.value.dtype), mode="drop")
     new_cache = dataclasses.replace(cache, key=new_key, value=new_value, lengths=P + n)
     return out, new_cache

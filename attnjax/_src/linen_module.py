@@ -33,7 +33,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
       implementation, chunk_size: defaults of the core implementation and chunk sizes.
       decode_window: with ``decode=True``: ``None`` for a plain cache whose length is the
         length of the input given to ``init``; an int ``W`` for a sliding-window ring buffer of
-        ``W`` slots (each token attends to itself and the ``W`` previous tokens, for ever).
+        ``W`` slots (each token attends to the last ``W`` tokens, itself included, for ever).
 
     Decoding (``decode=True``): ``init`` with an input of shape ``(B, max_length, features)``
     allocates the ``'cache'`` collection (``cached_key``, ``cached_value``, and ``cache_index``

@@ -36,8 +36,8 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
     * decoding (``decode=True`` after :meth:`init_cache`): the cache keeps a per-row position
       (``cache_index`` has shape ``(B,)``), a call may feed any number of tokens (prefill with the
       whole prompt, then single- or multi-token steps), ragged rows via ``query_seq_lengths``, and
-      ``init_cache(..., window=W)`` gives a sliding-window ring buffer of ``W`` slots that streams
-      for ever. Single-token steps match the stock module's decode outputs.
+      ``init_cache(..., window=W)`` gives a sliding-window ring buffer of ``W`` slots (attention
+      to the last ``W`` tokens) that streams for ever. Single-token steps match the stock module's decode outputs.
 
     Differences from the stock module: dropout uses attnjax's per-(b, n, i, j) mask
     (``broadcast_dropout`` is not honoured); ``sow_weights=True`` raises (weights are never
@@ -93,7 +93,7 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
           dtype: storage dtype of the cached keys and values.
           window: ``None`` for a plain cache of ``max_length`` slots (a step that would overflow
             it raises, or gives NaN under jit); an int ``W`` for a ring buffer of ``W`` slots
-            where each token attends to itself and the ``W`` previous tokens (``max_length`` is
+            where each token attends to the last ``W`` tokens, itself included (``max_length`` is
             then ignored).
 
         Raises:
