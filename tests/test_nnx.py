@@ -143,9 +143,10 @@ def test_decode_matches_stock_decode():
     nnx.update(ours, nnx.state(stock, nnx.Param))
     stock.init_cache((B, L, F))
     ours.init_cache((B, L, F))
+    step = nnx.jit(lambda m, tok: m(tok, decode=True))
     for t in range(T):
-        y_s = stock(x[:, t:t + 1], decode=True)
-        y_o = ours(x[:, t:t + 1], decode=True)
+        y_s = step(stock, x[:, t:t + 1])
+        y_o = step(ours, x[:, t:t + 1])
         np.testing.assert_allclose(np.asarray(y_o), np.asarray(y_s), atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(np.asarray(ours.cache_index[...]), [T, T])
     np.testing.assert_allclose(np.asarray(ours.cached_key[...]),
@@ -164,11 +165,12 @@ def test_prefill_and_steps_equal_full_causal_forward(window):
         mask = (mask > 0) & (i[None, :] > i[:, None] - window)[None, None]  # last `window`
     full = stock(x, mask=mask)  # independent reference: stock module, windowed causal mask
     ours.init_cache((B, 16, F), window=window)
-    parts = [ours(x[:, :5], decode=True)]  # prefill 5
-    parts.append(ours(x[:, 5:6], decode=True))  # single step
-    parts.append(ours(x[:, 6:9], decode=True))  # multi-token step
+    step = nnx.jit(lambda m, tok: m(tok, decode=True))
+    parts = [step(ours, x[:, :5])]  # prefill 5
+    parts.append(step(ours, x[:, 5:6]))  # single step
+    parts.append(step(ours, x[:, 6:9]))  # multi-token step
     for t in range(9, T):
-        parts.append(ours(x[:, t:t + 1], decode=True))
+        parts.append(step(ours, x[:, t:t + 1]))
     np.testing.assert_allclose(np.asarray(jnp.concatenate(parts, 1)), np.asarray(full),
                                atol=2e-5, rtol=2e-5)
     if window is not None:
