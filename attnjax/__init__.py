@@ -12,14 +12,13 @@ Public API (import from here; ``attnjax._src`` is private and may change without
   (``MultiHeadDotProductAttention``): drop-in Flax modules.
 """
 
+from attnjax import linen as linen
+from attnjax import nnx as nnx
 from attnjax._src.attention import IMPLEMENTATIONS as IMPLEMENTATIONS
 from attnjax._src.attention import dot_product_attention as dot_product_attention
 from attnjax._src.config import ChunkSize as ChunkSize
 from attnjax._src.decode import KVCache as KVCache
 from attnjax._src.decode import cached_attention as cached_attention
 from attnjax._src.flax_fn import flax_attention_fn as flax_attention_fn
-
-from attnjax import linen as linen  # noqa: E402
-from attnjax import nnx as nnx  # noqa: E402
 
 __version__ = "0.1.0"

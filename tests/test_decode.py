@@ -46,8 +46,8 @@ def _run(schedule, cache, q, k, v, step, **kw):
     for T, counts in schedule:
         counts = np.asarray(counts)
         take = np.stack([np.minimum(pos[b] + np.arange(T), TOTAL - 1) for b in range(B)])
-        gather = lambda x: jnp.asarray(np.asarray(x)[np.arange(B)[:, None], take])  # noqa: E731
-        out, cache = step(gather(q), gather(k), gather(v), cache, jnp.asarray(counts, jnp.int32))
+        qs, ks, vs = (jnp.asarray(np.asarray(x)[np.arange(B)[:, None], take]) for x in (q, k, v))
+        out, cache = step(qs, ks, vs, cache, jnp.asarray(counts, jnp.int32))
         out = np.asarray(out)
         for b in range(B):
             for t in range(T):

@@ -56,7 +56,8 @@ def test_outputs_and_gradients_match_stock(kw, call, implementation):
     if call.get("mask") == "causal":
         call["mask"] = nn.make_causal_mask(jnp.ones((B, T)))
     elif call.get("mask") == "padding":
-        call["mask"] = nn.make_attention_mask(jnp.ones((B, T)), jnp.arange(T)[None] < jnp.array([[T], [4]]))
+        valid = jnp.arange(T)[None] < jnp.array([[T], [4]])
+        call["mask"] = nn.make_attention_mask(jnp.ones((B, T)), valid)
 
     def loss(module, p):
         y = module.apply(p, *args, **call)

@@ -126,7 +126,7 @@ def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
     ``qg (B, T, K, G, H)`` scaled float32 queries, ``kb (B, C, K, H)``, ``vb (B, C, K, Hv)``,
     ``vis`` boolean broadcastable to ``(B, T, C)``.
     """
-    m, l, acc = carry
+    m, den, acc = carry
     s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=_F32,
                    precision=precision)
     if logits_soft_cap is not None:
@@ -137,10 +137,10 @@ def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_use[..., None])
     alpha = jnp.exp(m - m_use)
-    l = l * alpha + jnp.sum(p, axis=-1)
+    den = den * alpha + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(vb.dtype), vb, preferred_element_type=_F32,
                     precision=precision)
-    return m_new, l, acc * alpha[..., None] + pv
+    return m_new, den, acc * alpha[..., None] + pv
 
 
 def _visible(pos, valid, qpos, window_left):
@@ -196,10 +196,10 @@ def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
 
 def _finish(carry):
     """``(m, l, acc)`` -> normalised ``out (B, T, K, G, Hv)`` and ``lse (B, T, K, G)``."""
-    m, l, acc = carry
-    safe_l = jnp.where(l > 0, l, 1.0)
-    out = acc / safe_l[..., None]
-    lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+    m, den, acc = carry
+    safe = jnp.where(den > 0, den, 1.0)
+    out = acc / safe[..., None]
+    lse = jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
     return jnp.transpose(out, (0, 3, 1, 2, 4)), jnp.transpose(lse, (0, 3, 1, 2))
 
 

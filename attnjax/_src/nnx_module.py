@@ -37,7 +37,8 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
       (``cache_index`` has shape ``(B,)``), a call may feed any number of tokens (prefill with the
       whole prompt, then single- or multi-token steps), ragged rows via ``query_seq_lengths``, and
       ``init_cache(..., window=W)`` gives a sliding-window ring buffer of ``W`` slots (attention
-      to the last ``W`` tokens) that streams for ever. Single-token steps match the stock module's decode outputs.
+      to the last ``W`` tokens) that streams for ever. Single-token steps match the stock
+      module's decode outputs.
 
     Differences from the stock module: dropout uses attnjax's per-(b, n, i, j) mask
     (``broadcast_dropout`` is not honoured); ``sow_weights=True`` raises (weights are never
@@ -210,7 +211,8 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
         elif self.custom_attention_fn:
             given = [k for k, v in extra.items() if v is not None]
             if given:
-                raise ValueError(f"attnjax options {given} need attention_fn=None (got a custom one)")
+                raise ValueError(
+                    f"attnjax options {given} need attention_fn=None (got a custom one)")
             x = self.attention_fn(
                 query, key, value, mask=mask, dropout_rng=dropout_rng,
                 dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
