@@ -116,8 +116,9 @@ def test_matches_full_forward_of_core_bf16_cache():
     q, k, v = _histories(4, total=12)
     full = attnjax.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     cache = KVCache.create(B, 12, K, H, dtype=jnp.bfloat16)
-    out1, cache = cached_attention(q[:, :8], k[:, :8], v[:, :8], cache)
-    out2, cache = cached_attention(q[:, 8:], k[:, 8:], v[:, 8:], cache)
+    step = jax.jit(cached_attention)
+    out1, cache = step(q[:, :8], k[:, :8], v[:, :8], cache)
+    out2, cache = step(q[:, 8:], k[:, 8:], v[:, 8:], cache)
     assert cache.key.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(jnp.concatenate([out1, out2], 1)), np.asarray(full),
                                atol=3e-2)

@@ -95,11 +95,13 @@ def test_flax_attention_fn_in_stock_module():
     plugged = _stock(num_kv_heads=2, attention_fn=attnjax.flax_attention_fn)
     x = _x((B, T, F))
     mask = nnx.make_causal_mask(jnp.ones((B, T)))
-    np.testing.assert_allclose(np.asarray(plugged(x, mask=mask)), np.asarray(stock(x, mask=mask)),
+    call = nnx.jit(lambda m, x, mask: m(x, mask=mask))
+    np.testing.assert_allclose(np.asarray(call(plugged, x, mask)), np.asarray(call(stock, x, mask)),
                                atol=2e-5, rtol=2e-5)
     # Extra leading batch dims are flattened and restored.
     x5 = _x((3, B, T, F))
-    np.testing.assert_allclose(np.asarray(plugged(x5)), np.asarray(stock(x5)), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(call(plugged, x5, None)),
+                               np.asarray(call(stock, x5, None)), atol=2e-5, rtol=2e-5)
 
 
 def test_attnjax_options_pass_through():

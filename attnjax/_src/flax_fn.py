@@ -17,16 +17,6 @@ def promote_qkv(query, key, value, dtype):
     return query.astype(dtype), key.astype(dtype), value.astype(dtype)
 
 
-def flatten_batch(x, keep: int):
-    """Merge all leading dims of ``x`` but the last ``keep`` into one batch dim."""
-    if x is None:
-        return None
-    x = jnp.asarray(x)
-    if x.ndim <= keep + 1:
-        return x
-    return x.reshape((math.prod(x.shape[:-keep]),) + x.shape[-keep:])
-
-
 def as_bool_mask(mask):
     """Flax masks may be float/int 0/1 (``make_attention_mask``); attnjax wants bool."""
     if mask is None:

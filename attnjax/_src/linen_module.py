@@ -43,7 +43,9 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
 
     Differences from the stock module as for :class:`attnjax.nnx.MultiHeadAttention`:
     ``broadcast_dropout`` is not honoured (per-element dropout), ``sow_weights`` raises, fully
-    masked rows output zero, decode mode takes no ``mask`` and is always causal.
+    masked rows output zero, decode mode takes no ``mask`` and is always causal. The inherited
+    ``attention_fn`` attribute is ignored (attention always runs on attnjax; to keep a stock
+    module with attnjax attention use ``attention_fn=attnjax.flax_attention_fn`` on it).
 
     Example:
       >>> import jax, jax.numpy as jnp
