@@ -74,8 +74,7 @@ def _stepper(**kw):
     return step
 
 
-@pytest.mark.parametrize("prompt", [1, 5, 11])
-@pytest.mark.parametrize("chunk", [3, 1024])
+@pytest.mark.parametrize("prompt,chunk", [(1, 3), (5, 3), (11, 3), (5, 1024)])
 def test_prefill_then_single_steps(prompt, chunk):
     q, k, v = _histories()
     schedule = [(prompt, [prompt] * B)] + [(1, [1] * B)] * 6
