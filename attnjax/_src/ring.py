@@ -75,24 +75,29 @@ def _check_layout(layout) -> int:
     return 1 if layout == "contiguous" else 2
 
 
-def _zigzag_order(length: int, num_devices: int) -> np.ndarray:
-    """Natural positions in zigzag order: chunk d then chunk 2P-1-d, for d = 0..P-1."""
-    c = length // (2 * num_devices)
-    chunks = []
+def _zigzag_chunks(num_devices: int) -> list[int]:
+    """Natural chunk indices (of 2P) in zigzag order: d and 2P-1-d for d = 0..P-1."""
+    order = []
     for d in range(num_devices):
-        chunks += [d, 2 * num_devices - 1 - d]
-    return np.concatenate([np.arange(k * c, (k + 1) * c) for k in chunks])
+        order += [d, 2 * num_devices - 1 - d]
+    return order
 
 
-def _gather_axis(x, axis: int, order: np.ndarray):
-    """``jnp.take`` along ``axis``; an axis sharded on an explicit mesh is gathered first."""
+def _reorder_chunks(x, axis: int, order: list[int]):
+    """Cut ``axis`` into ``len(order)`` equal chunks and concatenate them in ``order``.
+
+    Static slices and one concatenate (no gather/scatter, so it differentiates cleanly under any
+    sharding); an axis sharded on an explicit-sharding mesh is gathered first.
+    """
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
     if spec is not None and axis < len(spec) and spec[axis] is not None:
         spec = list(spec)
         spec[axis] = None
         x = jax.reshard(x, NamedSharding(sharding.mesh, P(*spec)))
-    return jnp.take(x, jnp.asarray(order), axis=axis)
+    c = x.shape[axis] // len(order)
+    return jnp.concatenate(
+        [lax.slice_in_dim(x, i * c, (i + 1) * c, axis=axis) for i in order], axis=axis)
 
 
 def _check_zigzag(x, num_devices, axis):
@@ -133,8 +138,8 @@ def zigzag_permute(x, num_devices: int, axis: int = 1):
       >>> zigzag_permute(jnp.arange(8)[None], 2)
       Array([[0, 1, 6, 7, 2, 3, 4, 5]], dtype=int32)
     """
-    x, n = _check_zigzag(x, num_devices, axis)
-    return _gather_axis(x, axis % x.ndim, _zigzag_order(n, int(num_devices)))
+    x, _ = _check_zigzag(x, num_devices, axis)
+    return _reorder_chunks(x, axis % x.ndim, _zigzag_chunks(int(num_devices)))
 
 
 def zigzag_unpermute(x, num_devices: int, axis: int = 1):
@@ -151,9 +156,9 @@ def zigzag_unpermute(x, num_devices: int, axis: int = 1):
     Raises:
       ValueError: if the length is not a multiple of ``2 * num_devices``.
     """
-    x, n = _check_zigzag(x, num_devices, axis)
-    inv = np.argsort(_zigzag_order(n, int(num_devices)))
-    return _gather_axis(x, axis % x.ndim, inv)
+    x, _ = _check_zigzag(x, num_devices, axis)
+    inv = [int(i) for i in np.argsort(_zigzag_chunks(int(num_devices)))]
+    return _reorder_chunks(x, axis % x.ndim, inv)
 
 
 # ------------------------------------------------------------------------------------------------
