@@ -177,15 +177,15 @@ class _RingStatic:
     kernel: _Static
 
 
-def _seg_start(rs: _RingStatic, device, seg: int, seg_len: int):
+def _seg_start(rs: _RingStatic, device, seg, seg_len: int):
     """Global (natural-order) position of the first element of segment ``seg`` of ``device``."""
     if rs.num_seg == 1:
         return device * seg_len
-    chunk = device if seg == 0 else 2 * rs.num_devices - 1 - device
+    chunk = jnp.where(seg == 0, device, 2 * rs.num_devices - 1 - device)
     return chunk * seg_len
 
 
-def _block_info(rs: _RingStatic, aux, kv_seg_ids, sq: int, sk: int, qpos, kpos) -> MaskInfo:
+def _block_info(rs: _RingStatic, aux, kv_seg_ids, sq, sk, qpos, kpos) -> MaskInfo:
     """The masks of queries starting at global ``qpos`` against keys starting at ``kpos``."""
     off = qpos - kpos
     if aux.get("query_offset") is not None:
@@ -258,29 +258,40 @@ def _ring_perm(n: int):
     return [(i, (i + 1) % n) for i in range(n)]
 
 
+def _over_pairs(rs: _RingStatic, body, carry):
+    """``body(sq, sk, carry)`` over the (query segment, key segment) pairs of one ring step.
+
+    One pair (contiguous) is called directly; the four of the zigzag layout run in a
+    ``fori_loop`` so that the kernel is compiled once, not four times.
+    """
+    n = rs.num_seg
+    if n == 1:
+        return body(0, 0, carry)
+    return lax.fori_loop(0, n * n, lambda i, c: body(i // n, i % n, c), carry)
+
+
 def _fwd_step(rs: _RingStatic, qs, kv, aux, me, src, acc):
     ks, vs, kv_ids = kv
-    acc_o, acc_l = acc
-    new_o, new_l = [], []
-    for sq in range(rs.num_seg):
-        o_q, l_q = acc_o[sq], acc_l[sq]
+
+    def body(sq, sk, acc):
+        acc_o, acc_l = acc
         qpos = _seg_start(rs, me, sq, rs.q_seg)
-        for sk in range(rs.num_seg):
-            kpos = _seg_start(rs, src, sk, rs.k_seg)
-            info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
+        kpos = _seg_start(rs, src, sk, rs.k_seg)
+        info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
+        o_q, l_q = acc_o[sq], acc_l[sq]
 
-            def compute(sq=sq, sk=sk, info=info):
-                o, lse = _forward(qs[sq], ks[sk], vs[sk], None, info, None, rs.kernel)
-                return o.astype(_F32), lse
+        def compute():
+            o, lse = _forward(qs[sq], ks[sk], vs[sk], None, info, None, rs.kernel)
+            return o.astype(_F32), lse
 
-            def skip(o_q=o_q, l_q=l_q):
-                return jnp.zeros_like(o_q), jnp.full_like(l_q, -jnp.inf)
+        def skip():
+            return jnp.zeros_like(o_q), jnp.full_like(l_q, -jnp.inf)
 
-            o, lse = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
-            o_q, l_q = _combine(o_q, l_q, o, lse)
-        new_o.append(o_q)
-        new_l.append(l_q)
-    return jnp.stack(new_o), jnp.stack(new_l)
+        o, lse = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
+        o_q, l_q = _combine(o_q, l_q, o, lse)
+        return acc_o.at[sq].set(o_q), acc_l.at[sq].set(l_q)
+
+    return _over_pairs(rs, body, acc)
 
 
 def _ring_forward(qs, ks, vs, aux, rs: _RingStatic):
@@ -310,29 +321,26 @@ def _ring_forward(qs, ks, vs, aux, rs: _RingStatic):
 
 def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, dq):
     ks, vs, kv_ids = kv
-    dk, dv = dkv
-    dq = list(dq[s] for s in range(rs.num_seg))
-    dk = list(dk[s] for s in range(rs.num_seg))
-    dv = list(dv[s] for s in range(rs.num_seg))
-    for sq in range(rs.num_seg):
+
+    def body(sq, sk, carry):
+        dq, dk, dv = carry
         qpos = _seg_start(rs, me, sq, rs.q_seg)
-        for sk in range(rs.num_seg):
-            kpos = _seg_start(rs, src, sk, rs.k_seg)
-            info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
+        kpos = _seg_start(rs, src, sk, rs.k_seg)
+        info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
 
-            def compute(sq=sq, sk=sk, info=info):
-                g = _backward(qs[sq], ks[sk], vs[sk], None, info, None, out[sq], lse[sq],
-                              dout[sq], dlse[sq], rs.kernel)
-                return tuple(x.astype(_F32) for x in g[:3])
+        def compute():
+            g = _backward(qs[sq], ks[sk], vs[sk], None, info, None, out[sq], lse[sq],
+                          dout[sq], dlse[sq], rs.kernel)
+            return tuple(x.astype(_F32) for x in g[:3])
 
-            def skip(sq=sq, sk=sk):
-                return jnp.zeros_like(dq[sq]), jnp.zeros_like(dk[sk]), jnp.zeros_like(dv[sk])
+        def skip():
+            return jnp.zeros_like(dq[sq]), jnp.zeros_like(dk[sk]), jnp.zeros_like(dv[sk])
 
-            gq, gk, gv = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
-            dq[sq] = dq[sq] + gq
-            dk[sk] = dk[sk] + gk
-            dv[sk] = dv[sk] + gv
-    return jnp.stack(dq), (jnp.stack(dk), jnp.stack(dv))
+        gq, gk, gv = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
+        return dq.at[sq].add(gq), dk.at[sk].add(gk), dv.at[sk].add(gv)
+
+    dq, dk, dv = _over_pairs(rs, body, (dq, *dkv))
+    return dq, (dk, dv)
 
 
 def _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs: _RingStatic):
