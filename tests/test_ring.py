@@ -77,8 +77,10 @@ def test_per_device_memory_falls_as_one_over_p(ring_results):
     # Compile-time temp bytes per device, forward + backward, fixed total length 8192.
     mem = {int(p): b for p, b in ring_results["memory"].items()}
     for p in (2, 4, 8):
-        assert mem[p] < mem[p // 2], mem  # strictly falling
-        assert 0.75 <= mem[p] * p / mem[1] <= 1.5, mem  # roughly 1/P
+        assert mem[p] < 0.75 * mem[p // 2], mem  # falls with every doubling of P
+    # From P = 2 on (P = 1 needs no transfer buffers) temp * P is constant within 25%: ~1/P.
+    for p in (4, 8):
+        assert 0.8 <= mem[p] * p / (mem[2] * 2) <= 1.25, mem
     assert mem[8] < mem[1] / 4, mem
 
 

@@ -258,51 +258,49 @@ def _ring_perm(n: int):
     return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _over_pairs(rs: _RingStatic, body, carry):
-    """``body(sq, sk, carry)`` over the (query segment, key segment) pairs of one ring step.
+def _pairs(rs: _RingStatic):
+    """The (query segment, key segment) pairs of one ring step: 1 (contiguous) or 4 (zigzag).
 
-    One pair (contiguous) is called directly; the four of the zigzag layout run in a
-    ``fori_loop`` so that the kernel is compiled once, not four times.
+    Segments are kept as separate arrays (tuples), never sliced out of a stacked one, so that
+    no step copies a segment; the pairs are unrolled.
     """
-    n = rs.num_seg
-    if n == 1:
-        return body(0, 0, carry)
-    return lax.fori_loop(0, n * n, lambda i, c: body(i // n, i % n, c), carry)
+    return [(sq, sk) for sq in range(rs.num_seg) for sk in range(rs.num_seg)]
 
 
 def _fwd_step(rs: _RingStatic, qs, kv, aux, me, src, acc):
     ks, vs, kv_ids = kv
-
-    def body(sq, sk, acc):
-        acc_o, acc_l = acc
+    acc_o, acc_l = tuple(acc[0]), tuple(acc[1])
+    for sq, sk in _pairs(rs):
         qpos = _seg_start(rs, me, sq, rs.q_seg)
         kpos = _seg_start(rs, src, sk, rs.k_seg)
         info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
+        ins = (qs[sq], ks[sk], vs[sk])
         o_q, l_q = acc_o[sq], acc_l[sq]
 
-        def compute():
-            o, lse = _forward(qs[sq], ks[sk], vs[sk], None, info, None, rs.kernel)
+        def compute(ins=ins, info=info):
+            o, lse = _forward(*ins, None, info, None, rs.kernel)
             return o.astype(_F32), lse
 
-        def skip():
+        def skip(o_q=o_q, l_q=l_q):
             return jnp.zeros_like(o_q), jnp.full_like(l_q, -jnp.inf)
 
         o, lse = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
         o_q, l_q = _combine(o_q, l_q, o, lse)
-        return acc_o.at[sq].set(o_q), acc_l.at[sq].set(l_q)
-
-    return _over_pairs(rs, body, acc)
+        acc_o = acc_o[:sq] + (o_q,) + acc_o[sq + 1:]
+        acc_l = acc_l[:sq] + (l_q,) + acc_l[sq + 1:]
+    return acc_o, acc_l
 
 
 def _ring_forward(qs, ks, vs, aux, rs: _RingStatic):
-    """``qs (nseg, nq, B, K, G, cq, H)``, ``ks/vs (nseg, nk, B, K, ck, H)`` -> out f32, lse."""
+    """Segments ``qs[s] (nq, B, K, G, cq, H)``, ``ks[s]/vs[s] (nk, B, K, ck, H)`` -> out f32, lse."""
     n = rs.num_devices
     me = lax.axis_index(rs.axis_name)
-    nseg, nq, B, K, G, cq, _ = qs.shape
-    Hv = vs.shape[-1]
+    nq, B, K, G, cq, _ = qs[0].shape
+    Hv = vs[0].shape[-1]
+    refs = (qs, ks, vs, aux)
     acc = (
-        _varying_like(jnp.zeros((nseg, nq, B, K, G, cq, Hv), _F32), qs),
-        _varying_like(jnp.full((nseg, nq, B, K, G, cq), -jnp.inf, _F32), qs),
+        tuple(_varying_like(jnp.zeros((nq, B, K, G, cq, Hv), _F32), refs) for _ in qs),
+        tuple(_varying_like(jnp.full((nq, B, K, G, cq), -jnp.inf, _F32), refs) for _ in qs),
     )
     kv = (ks, vs, aux.get("kv_segment_ids"))
     perm = _ring_perm(n)
@@ -310,36 +308,38 @@ def _ring_forward(qs, ks, vs, aux, rs: _RingStatic):
     def body(t, carry):
         kv, acc = carry
         # Send this block on (and receive the next) first: the transfer does not depend on the
-        # attention below, so XLA can run the two concurrently.
+        # attention below, so XLA can run the two concurrently. The last step's transfer
+        # brings the blocks back home: one spare hop that keeps the loop body a single compiled
+        # copy (no peeled last step).
         nxt = lax.ppermute(kv, rs.axis_name, perm)
         acc = _fwd_step(rs, qs, kv, aux, me, (me - t) % n, acc)
         return nxt, acc
 
-    kv, acc = lax.fori_loop(0, n - 1, body, (kv, acc))
-    return _fwd_step(rs, qs, kv, aux, me, (me - (n - 1)) % n, acc)
+    _, acc = lax.fori_loop(0, n, body, (kv, acc))
+    return acc
 
 
 def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, dq):
     ks, vs, kv_ids = kv
-
-    def body(sq, sk, carry):
-        dq, dk, dv = carry
+    dq, dk, dv = tuple(dq), tuple(dkv[0]), tuple(dkv[1])
+    for sq, sk in _pairs(rs):
         qpos = _seg_start(rs, me, sq, rs.q_seg)
         kpos = _seg_start(rs, src, sk, rs.k_seg)
         info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
+        ins = (qs[sq], ks[sk], vs[sk], out[sq], lse[sq], dout[sq], dlse[sq])
 
-        def compute():
-            g = _backward(qs[sq], ks[sk], vs[sk], None, info, None, out[sq], lse[sq],
-                          dout[sq], dlse[sq], rs.kernel)
+        def compute(ins=ins, info=info):
+            q_, k_, v_, o_, l_, do_, dl_ = ins
+            g = _backward(q_, k_, v_, None, info, None, o_, l_, do_, dl_, rs.kernel)
             return tuple(x.astype(_F32) for x in g[:3])
 
-        def skip():
-            return jnp.zeros_like(dq[sq]), jnp.zeros_like(dk[sk]), jnp.zeros_like(dv[sk])
+        def skip(zq=dq[sq], zk=dk[sk], zv=dv[sk]):
+            return jnp.zeros_like(zq), jnp.zeros_like(zk), jnp.zeros_like(zv)
 
         gq, gk, gv = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
-        return dq.at[sq].add(gq), dk.at[sk].add(gk), dv.at[sk].add(gv)
-
-    dq, dk, dv = _over_pairs(rs, body, (dq, *dkv))
+        dq = dq[:sq] + (dq[sq] + gq,) + dq[sq + 1:]
+        dk = dk[:sk] + (dk[sk] + gk,) + dk[sk + 1:]
+        dv = dv[:sk] + (dv[sk] + gv,) + dv[sk + 1:]
     return dq, (dk, dv)
 
 
@@ -347,8 +347,10 @@ def _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs: _RingStatic):
     n = rs.num_devices
     me = lax.axis_index(rs.axis_name)
     perm = _ring_perm(n)
-    dq = _varying_like(jnp.zeros(qs.shape, _F32), qs)
-    dkv = (_varying_like(jnp.zeros(ks.shape, _F32), ks), _varying_like(jnp.zeros(vs.shape, _F32), vs))
+    refs = (qs, ks, vs, aux, out, lse, dout, dlse)
+    dq = tuple(_varying_like(jnp.zeros(x.shape, _F32), refs) for x in qs)
+    dkv = (tuple(_varying_like(jnp.zeros(x.shape, _F32), refs) for x in ks),
+           tuple(_varying_like(jnp.zeros(x.shape, _F32), refs) for x in vs))
     kv = (ks, vs, aux.get("kv_segment_ids"))
 
     def body(t, carry):
@@ -358,21 +360,19 @@ def _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs: _RingStatic):
         dkv = lax.ppermute(dkv, rs.axis_name, perm)  # gradients follow their block
         return nxt, dkv, dq
 
-    kv, dkv, dq = lax.fori_loop(0, n - 1, body, (kv, dkv, dq))
-    dq, dkv = _bwd_step(rs, qs, kv, dkv, aux, me, (me - (n - 1)) % n, out, lse, dout, dlse, dq)
-    dk, dv = lax.ppermute(dkv, rs.axis_name, perm)  # the P-th hop brings them home
+    # After P steps (P hops) the blocks and their gradients are back on their owners.
+    _, (dk, dv), dq = lax.fori_loop(0, n, body, (kv, dkv, dq))
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ring_core(qs, ks, vs, aux, rs):
     out, lse = _ring_forward(qs, ks, vs, aux, rs)
-    return out.astype(qs.dtype), lse
+    return tuple(o.astype(q.dtype) for o, q in zip(out, qs, strict=True)), lse
 
 
 def _ring_core_fwd(qs, ks, vs, aux, rs):
-    out, lse = _ring_forward(qs, ks, vs, aux, rs)
-    out = out.astype(qs.dtype)
+    out, lse = _ring_core(qs, ks, vs, aux, rs)
     return (out, lse), (qs, ks, vs, aux, out, lse)
 
 
@@ -380,7 +380,11 @@ def _ring_core_bwd(rs, res, cts):
     qs, ks, vs, aux, out, lse = res
     dout, dlse = cts
     dq, dk, dv = _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs)
-    return dq.astype(qs.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype), None
+
+    def cast(gs, xs):
+        return tuple(g.astype(x.dtype) for g, x in zip(gs, xs, strict=True))
+
+    return cast(dq, qs), cast(dk, ks), cast(dv, vs), None
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
@@ -555,8 +559,8 @@ def ring_attention(
                 raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
             if x.shape != (B, length):
                 raise ValueError(f"{name} must have this device's shape (B, L) = ({B}, {length}), got {x.shape}")
-            x = _pad_axis(x.astype(jnp.int32).reshape(B, num_seg, length // num_seg), 2, pad)
-            aux["q_segment_ids" if name[0] == "q" else "kv_segment_ids"] = jnp.swapaxes(x, 0, 1)
+            aux["q_segment_ids" if name[0] == "q" else "kv_segment_ids"] = tuple(
+                _pad_axis(part.astype(jnp.int32), 1, pad) for part in jnp.split(x, num_seg, axis=1))
 
     fold = jnp.dtype(q.dtype).itemsize >= 4
     if fold:
@@ -571,17 +575,26 @@ def ring_attention(
                      is_causal=bool(is_causal), window=window, kernel=kernel)
 
     # (B, L, heads, dim) -> (nseg, nchunks, B, K, [G,] chunk, dim), each segment padded on its own.
-    qs = _pad_axis(q.reshape(B, num_seg, q_seg, K, G, H), 2, tp)
-    qs = qs.reshape(B, num_seg, nq, cq, K, G, H).transpose(1, 2, 0, 4, 5, 3, 6)
+    # (B, L, heads, dim) -> one array per position segment, (nchunks, B, K, [G,] chunk, dim),
+    # each segment padded to whole chunks on its own.
+    def q_layout(x):
+        x = _pad_axis(x, 1, tp).reshape(B, nq, cq, K, G, H)
+        return x.transpose(1, 0, 3, 4, 2, 5)
 
     def kv_layout(x):
-        x = _pad_axis(x.reshape(B, num_seg, k_seg, K, x.shape[-1]), 2, sp)
-        return x.reshape(B, num_seg, nk, ck, K, x.shape[-1]).transpose(1, 2, 0, 4, 3, 5)
+        x = _pad_axis(x, 1, sp).reshape(B, nk, ck, K, x.shape[-1])
+        return x.transpose(1, 0, 3, 2, 4)
 
-    out, lse = _ring_core(qs, kv_layout(k), kv_layout(v), aux, rs)
-    out = out.transpose(2, 0, 1, 5, 3, 4, 6).reshape(B, num_seg, tp, N, Hv)[:, :, :q_seg]
-    lse = lse.transpose(2, 0, 1, 5, 3, 4).reshape(B, num_seg, tp, N)[:, :, :q_seg]
-    out, lse = out.reshape(B, T, N, Hv), lse.reshape(B, T, N)
+    def segments(x, fn):
+        # split (not slicing): its transpose is one concatenate, not a zero-padded sum.
+        return tuple(fn(part) for part in jnp.split(x, num_seg, axis=1))
+
+    out, lse = _ring_core(segments(q, q_layout), segments(k, kv_layout), segments(v, kv_layout),
+                          aux, rs)
+    out = jnp.concatenate(
+        [o.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :q_seg] for o in out], axis=1)
+    lse = jnp.concatenate(
+        [x.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :q_seg] for x in lse], axis=1)
     return (out, lse) if return_residual else out
 
 
