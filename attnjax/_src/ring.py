@@ -40,7 +40,14 @@ attention on the current block, and nothing in that step's attention depends on 
 two are independent operations in XLA's graph, so the scheduler may run the transfer while the
 block is being computed (on GPU/TPU the collective is asynchronous: ``collective-permute-start``
 before the compute, ``-done`` after it). In the backward pass the key/value transfer overlaps in
-the same way; the dK/dV transfer, which needs the step's result, is the one that cannot.
+the same way; the dK/dV transfer, which needs the step's result, is the one that cannot. The ring
+is one ``fori_loop`` of P identical steps (one compiled copy of the kernel per direction), so the
+last step's key/value transfer is a spare hop that brings the blocks home, overlapped with the
+last block's compute.
+
+**Zigzag pairs.** In the zigzag layout a device's queries and each visiting key block are two
+position segments each, so a ring step is four kernel calls (segment pairs), of which a causal
+mask always hides the (early queries, late keys) pair and, depending on the step, one more.
 """
 
 from __future__ import annotations
