@@ -236,8 +236,9 @@ def _any_visible(rs: _RingStatic, aux, qpos, kpos):
     return functools.reduce(jnp.logical_and, preds)
 
 
-def _maybe(pred, compute, skip):
-    return compute() if pred is None else lax.cond(pred, compute, skip)
+def _maybe(pred, update, acc):
+    """``update(acc)`` where ``pred`` (None: always), else ``acc`` unchanged (the pair is skipped)."""
+    return update(acc) if pred is None else lax.cond(pred, update, lambda a: a, acc)
 
 
 def _varying_like(x, *refs):
@@ -281,20 +282,16 @@ def _fwd_step(rs: _RingStatic, qs, kv, aux, me, src, acc):
         qpos = _seg_start(rs, me, sq, rs.q_seg)
         kpos = _seg_start(rs, src, sk, rs.k_seg)
         info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
-        ins = (qs[sq], ks[sk], vs[sk])
-        o_q, l_q = acc_o[sq], acc_l[sq]
 
-        def compute(ins=ins, info=info):
+        # The accumulation happens inside the branch; a skipped pair passes the accumulators
+        # through untouched (no zero blocks, no extra live buffers).
+        def compute(acc_q, ins=(qs[sq], ks[sk], vs[sk]), info=info):
             o, lse = _forward(*ins, None, info, None, rs.kernel)
-            return o.astype(_F32), lse
+            return _combine(*acc_q, o.astype(_F32), lse)
 
-        def skip(o_q=o_q, l_q=l_q):
-            return jnp.zeros_like(o_q), jnp.full_like(l_q, -jnp.inf)
-
-        o, lse = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
-        o_q, l_q = _combine(o_q, l_q, o, lse)
-        acc_o = acc_o[:sq] + (o_q,) + acc_o[sq + 1:]
-        acc_l = acc_l[:sq] + (l_q,) + acc_l[sq + 1:]
+        acc_q = _maybe(_any_visible(rs, aux, qpos, kpos), compute, (acc_o[sq], acc_l[sq]))
+        acc_o = acc_o[:sq] + (acc_q[0],) + acc_o[sq + 1:]
+        acc_l = acc_l[:sq] + (acc_q[1],) + acc_l[sq + 1:]
     return acc_o, acc_l
 
 
@@ -335,18 +332,15 @@ def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, 
         info = _block_info(rs, aux, kv_ids, sq, sk, qpos, kpos)
         ins = (qs[sq], ks[sk], vs[sk], out[sq], lse[sq], dout[sq], dlse[sq])
 
-        def compute(ins=ins, info=info):
+        def compute(grads, ins=ins, info=info):
             q_, k_, v_, o_, l_, do_, dl_ = ins
             g = _backward(q_, k_, v_, None, info, None, o_, l_, do_, dl_, rs.kernel)
-            return tuple(x.astype(_F32) for x in g[:3])
+            return tuple(a + b.astype(_F32) for a, b in zip(grads, g[:3], strict=True))
 
-        def skip(zq=dq[sq], zk=dk[sk], zv=dv[sk]):
-            return jnp.zeros_like(zq), jnp.zeros_like(zk), jnp.zeros_like(zv)
-
-        gq, gk, gv = _maybe(_any_visible(rs, aux, qpos, kpos), compute, skip)
-        dq = dq[:sq] + (dq[sq] + gq,) + dq[sq + 1:]
-        dk = dk[:sk] + (dk[sk] + gk,) + dk[sk + 1:]
-        dv = dv[:sk] + (dv[sk] + gv,) + dv[sk + 1:]
+        g = _maybe(_any_visible(rs, aux, qpos, kpos), compute, (dq[sq], dk[sk], dv[sk]))
+        dq = dq[:sq] + (g[0],) + dq[sq + 1:]
+        dk = dk[:sk] + (g[1],) + dk[sk + 1:]
+        dv = dv[:sk] + (g[2],) + dv[sk + 1:]
     return dq, (dk, dv)
 
 
