@@ -123,15 +123,20 @@ def test_one_device_ring_matches_dense_reference():
     v = rng.standard_normal((1, 16, 2, 8)).astype(np.float32)
     mesh = jax.make_mesh((1,), ("seq",), axis_types=(AxisType.Explicit,))
     zq, zk, zv = (attnjax.zigzag_permute(x, 1) for x in (q, k, v))
-    out = attnjax.ring_attention_sharded(zq, zk, zv, mesh=mesh, seq_axis="seq", layout="zigzag",
-                                         is_causal=True, chunk_size=3)
+    out, lse = attnjax.ring_attention_sharded(zq, zk, zv, mesh=mesh, seq_axis="seq",
+                                              layout="zigzag", is_causal=True, chunk_size=3,
+                                              return_residual=True)
     out = np.asarray(attnjax.zigzag_unpermute(out, 1), np.float64)
+    lse = np.asarray(attnjax.zigzag_unpermute(lse, 1), np.float64)
     s = np.einsum("btnh,bsnh->bnts", q, np.repeat(k, 2, axis=2)) / np.sqrt(8.0)
     s = np.where(np.tril(np.ones((16, 16), bool)), s, -np.inf)
-    w = np.exp(s - s.max(-1, keepdims=True))
+    m = s.max(-1, keepdims=True)
+    w = np.exp(s - m)
+    want_lse = (np.log(w.sum(-1, keepdims=True)) + m)[..., 0].transpose(0, 2, 1)
     w /= w.sum(-1, keepdims=True)
     want = np.einsum("bnts,bsnh->btnh", w, np.repeat(v, 2, axis=2))
     np.testing.assert_allclose(out, want, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-5)
 
 
 def test_ring_attention_inside_user_shard_map():
