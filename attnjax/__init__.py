@@ -10,6 +10,8 @@ Public API (import from here; ``attnjax._src`` is private and may change without
   multi-token steps, sliding-window ring buffer, split-K reads of the cache).
 * Submodules :mod:`attnjax.nnx` (``MultiHeadAttention``) and :mod:`attnjax.linen`
   (``MultiHeadDotProductAttention``): drop-in Flax modules.
+* :func:`ring_attention`, :func:`ring_attention_sharded`, :func:`zigzag_permute`,
+  :func:`zigzag_unpermute`: exact attention over a sequence split across devices.
 """
 
 from attnjax import linen as linen
@@ -20,5 +22,9 @@ from attnjax._src.config import ChunkSize as ChunkSize
 from attnjax._src.decode import KVCache as KVCache
 from attnjax._src.decode import cached_attention as cached_attention
 from attnjax._src.flax_fn import flax_attention_fn as flax_attention_fn
+from attnjax._src.ring import ring_attention as ring_attention
+from attnjax._src.ring import ring_attention_sharded as ring_attention_sharded
+from attnjax._src.ring import zigzag_permute as zigzag_permute
+from attnjax._src.ring import zigzag_unpermute as zigzag_unpermute
 
 __version__ = "0.1.0"
