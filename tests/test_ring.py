@@ -23,6 +23,9 @@ from jax.sharding import PartitionSpec as P
 
 import attnjax
 
+# One worker runs this whole module, so the 8-device subprocess runs once (see --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("ring")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # float32, max abs difference (outputs and gradients are O(1) here)
 
