@@ -64,6 +64,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from attnjax._src.attention import _normalise_window
 from attnjax._src.chunked import _backward, _forward, _pad_axis, _Static, _varying, _vma
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo
@@ -212,28 +213,16 @@ def _block_info(rs: _RingStatic, aux, kv_seg_ids, sq, sk, qpos, kpos) -> MaskInf
     )
 
 
-def _any_visible(rs: _RingStatic, aux, qpos, kpos):
-    """Whether a block pair can have a visible entry (None: always, nothing to skip)."""
-    preds = []
-    off = aux.get("query_offset")
-    omin = omax = jnp.int32(0)
-    if off is not None:
-        omin, omax = jnp.min(off), jnp.max(off)
-    q_first, q_last = qpos + omin, qpos + rs.q_seg - 1 + omax
-    k_first, k_last = kpos, kpos + rs.k_seg - 1
-    if rs.is_causal:
-        preds.append(k_first <= q_last)
-    if rs.window is not None:
-        left, right = rs.window
-        preds.append(k_last >= q_first - left)
-        preds.append(k_first <= q_last + right)
-    if aux.get("q_lengths") is not None:
-        preds.append(qpos < jnp.max(aux["q_lengths"]))
-    if aux.get("kv_lengths") is not None:
-        preds.append(kpos < jnp.max(aux["kv_lengths"]))
-    if not preds:
+def _any_visible(info: MaskInfo):
+    """Whether a block pair can have a visible entry (None: always, nothing to skip).
+
+    Asks the pair's :class:`MaskInfo` (the one definition of the masks) for its key-block range,
+    treating the whole query segment and the whole key segment as one block each.
+    """
+    if not info.has_positional:
         return None
-    return functools.reduce(jnp.logical_and, preds)
+    lo, _, _, hi = info.key_block_ranges(0, info.q_len, info.kv_len, 1)
+    return hi > lo
 
 
 def _maybe(pred, update, acc):
@@ -289,7 +278,7 @@ def _fwd_step(rs: _RingStatic, qs, kv, aux, me, src, acc):
             o, lse = _forward(*ins, None, info, None, rs.kernel)
             return _combine(*acc_q, o.astype(_F32), lse)
 
-        acc_q = _maybe(_any_visible(rs, aux, qpos, kpos), compute, (acc_o[sq], acc_l[sq]))
+        acc_q = _maybe(_any_visible(info), compute, (acc_o[sq], acc_l[sq]))
         acc_o = acc_o[:sq] + (acc_q[0],) + acc_o[sq + 1:]
         acc_l = acc_l[:sq] + (acc_q[1],) + acc_l[sq + 1:]
     return acc_o, acc_l
@@ -337,7 +326,7 @@ def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, 
             g = _backward(q_, k_, v_, None, info, None, o_, l_, do_, dl_, rs.kernel)
             return tuple(a + b.astype(_F32) for a, b in zip(grads, g[:3], strict=True))
 
-        g = _maybe(_any_visible(rs, aux, qpos, kpos), compute, (dq[sq], dk[sk], dv[sk]))
+        g = _maybe(_any_visible(info), compute, (dq[sq], dk[sk], dv[sk]))
         dq = dq[:sq] + (g[0],) + dq[sq + 1:]
         dk = dk[:sk] + (g[1],) + dk[sk + 1:]
         dv = dv[:sk] + (g[2],) + dv[sk + 1:]
@@ -403,22 +392,6 @@ def _axis_size(axis_name) -> int:
             f"axis_name {axis_name!r} is not a mesh axis bound here: ring_attention must be called "
             f"inside jax.shard_map over a mesh with that axis (or use ring_attention_sharded) ({e})"
         ) from None
-
-
-def _normalise_window(w):
-    if w is None:
-        return None
-    if isinstance(w, bool):
-        raise TypeError(f"local_window_size must be an int or (left, right) pair, got {w!r}")
-    if isinstance(w, int | np.integer):
-        pair = (int(w), int(w))
-    elif isinstance(w, tuple | list) and len(w) == 2:
-        pair = (int(w[0]), int(w[1]))
-    else:
-        raise TypeError(f"local_window_size must be an int or (left, right) pair, got {w!r}")
-    if min(pair) < 0:
-        raise ValueError(f"local_window_size must be non-negative, got {w!r}")
-    return pair
 
 
 def ring_attention(
