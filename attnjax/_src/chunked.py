@@ -47,6 +47,7 @@ class _Static:
     q_chunk: int
     k_chunk: int
     kv_len: int  # true S (keys >= S are padding)
+    batch: int  # B (blocks are (B·K, G·chunk, ...); masks and dropout view them as 5-d)
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -58,10 +59,10 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, pads, constant_values=value)
 
 
-def _dot(a, b, contract_a, contract_b, precision):
-    """Batched matmul over the leading (B, K) dims, float32 result."""
+def _mm(a, b, contract_a: int, contract_b: int, precision):
+    """Batched matmul over the leading (B·K) dim of two rank-3 blocks, float32 result."""
     return lax.dot_general(
-        a, b, ((contract_a, contract_b), ((0, 1), (0, 1))),
+        a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
         precision=precision, preferred_element_type=_F32,
     )
 
@@ -97,12 +98,16 @@ def _needs_mask(info: MaskInfo, st: _Static) -> bool:
 
 
 def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
-    """Chunked forward. Returns ``out (nq, B, K, G, cq, Hv)`` and ``lse (nq, B, K, G, cq)`` (f32)."""
-    nq, B, K, G, cq, _ = qc.shape
+    """Chunked forward. Returns ``out (nq, BK, G·cq, Hv)`` and ``lse (nq, BK, G·cq)`` (f32)."""
+    nq, BK, R, _ = qc.shape
+    B, K, G, cq = st.batch, BK // st.batch, R // st.q_chunk, st.q_chunk
     nk, ck = st.num_k, st.k_chunk
     Hv = vc.shape[-1]
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
+    # Keys transposed once, (nk, BK, H, ck): every score product is then a plain A·B.
+    kc_t = jnp.swapaxes(kc, -1, -2)
+    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
 
     def q_step(xs):
         i, qb = xs
@@ -111,13 +116,16 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
         def make_body(masked: bool):
             def body(j, carry):
                 m, l, acc = carry
-                kb = lax.dynamic_index_in_dim(kc, j, keepdims=False)
+                kb_t = lax.dynamic_index_in_dim(kc_t, j, keepdims=False)
                 vb = lax.dynamic_index_in_dim(vc, j, keepdims=False)
                 k_start = j * ck
-                s = _dot(qb, kb, (4,), (3,), st.precision)  # (B, K, G, cq, ck)
-                bias_blk = None if bias5 is None else slice_block(bias5, q_start, cq, k_start, ck, QK)
+                s = _mm(qb, kb_t, 2, 1, st.precision)  # (BK, G·cq, ck)
                 vis = info.visible(q_start, cq, k_start, ck, QK, padded_kv) if masked else None
-                s, _ = _logits(s, st, bias_blk, vis)
+                if custom or vis is not None:
+                    bias_blk = (None if bias5 is None
+                                else slice_block(bias5, q_start, cq, k_start, ck, QK))
+                    s5, _ = _logits(s.reshape(B, K, G, cq, ck), st, bias_blk, vis)
+                    s = s5.reshape(BK, R, ck)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp(s - m_use[..., None])
@@ -125,18 +133,18 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
                 l = l * alpha + jnp.sum(p, axis=-1)
                 if st.dropout_rate > 0.0:
                     keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
-                                                 st.dropout_rate, QK)
+                                                 st.dropout_rate, QK).reshape(BK, R, ck)
                     p = jnp.where(keep, p * _F32(1.0 / (1.0 - st.dropout_rate)), 0.0)
-                pv = _dot(p.astype(vc.dtype), vb, (4,), (2,), st.precision)  # (B, K, G, cq, Hv)
+                pv = _mm(p.astype(vc.dtype), vb, 2, 1, st.precision)  # (BK, G·cq, Hv)
                 acc = acc * alpha[..., None] + pv
                 return m_new, l, acc
 
             return body
 
         carry = (
-            jnp.full((B, K, G, cq), -jnp.inf, _F32),
-            jnp.zeros((B, K, G, cq), _F32),
-            jnp.zeros((B, K, G, cq, Hv), _F32),
+            jnp.full((BK, R), -jnp.inf, _F32),
+            jnp.zeros((BK, R), _F32),
+            jnp.zeros((BK, R, Hv), _F32),
         )
         if needs_mask:
             ranges = info.key_block_ranges(q_start, cq, ck, nk)
@@ -154,67 +162,81 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
 
 def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static):
     """Chunked backward (key blocks outer). Returns ``dqc, dkc, dvc, dbias5``."""
-    nq, B, K, G, cq, H = qc.shape
+    nq, BK, R, H = qc.shape
+    B, K, G, cq = st.batch, BK // st.batch, R // st.q_chunk, st.q_chunk
     nk, ck = st.num_k, st.k_chunk
-    Hv = vc.shape[-1]
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
     dt = qc.dtype
+    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
 
     # D_i = rowsum(dO_i * O_i) - dlse_i (the log-sum-exp's own cotangent folds in here).
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
-    dq_t0 = jnp.zeros((nq, B, K, H, G, cq), _F32)
+    # Queries and output cotangents transposed once, (nq, BK, H, G·cq), so that the transposed
+    # score products sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ are plain A·B.
+    qc_t = jnp.swapaxes(qc, -1, -2)
+    dout_t = jnp.swapaxes(dout, -1, -2)
+    dq_t0 = jnp.zeros((nq, BK, H, R), _F32)
     dbias0 = None if bias5 is None else jnp.zeros(bias5.shape, _F32)
 
     def k_step(carry, xs):
         dq_t, dbias = carry
         j, kb, vb = xs
         k_start = j * ck
-        k_t = jnp.swapaxes(kb, -1, -2)  # (B, K, H, ck): one small transpose per key block
+        k_t = jnp.swapaxes(kb, -1, -2)  # (BK, H, ck): one small transpose per key block
 
         def make_body(masked: bool):
             def body(i, c):
                 dk, dv, dq_t, dbias = c
                 qb = lax.dynamic_index_in_dim(qc, i, keepdims=False)
+                qb_t = lax.dynamic_index_in_dim(qc_t, i, keepdims=False)
                 dob = lax.dynamic_index_in_dim(dout, i, keepdims=False)
+                dob_t = lax.dynamic_index_in_dim(dout_t, i, keepdims=False)
                 lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
                 d_b = lax.dynamic_index_in_dim(delta, i, keepdims=False)
                 q_start = i * cq
-                s_t = _dot(kb, qb, (3,), (4,), st.precision)  # (B, K, ck, G, cq)
-                bias_blk = None if bias5 is None else slice_block(bias5, q_start, cq, k_start, ck, KQ)
+                s_t = _mm(kb, qb_t, 2, 1, st.precision)  # (BK, ck, G·cq)
                 vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
-                z, t = _logits(s_t, st, bias_blk, vis)
-                p_t = jnp.exp(z - lse_b[:, :, None])
+                t = None
+                if custom or vis is not None:
+                    bias_blk = (None if bias5 is None
+                                else slice_block(bias5, q_start, cq, k_start, ck, KQ))
+                    z5, t = _logits(s_t.reshape(B, K, ck, G, cq), st, bias_blk, vis)
+                    s_t = z5.reshape(BK, ck, R)
+                    if t is not None:
+                        t = t.reshape(BK, ck, R)
+                p_t = jnp.exp(s_t - lse_b[:, None, :])
                 if st.dropout_rate > 0.0:
                     keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
-                                                 st.dropout_rate, KQ)
+                                                 st.dropout_rate, KQ).reshape(BK, ck, R)
                     inv = _F32(1.0 / (1.0 - st.dropout_rate))
                     pd_t = jnp.where(keep, p_t * inv, 0.0)
                 else:
                     pd_t = p_t
-                dv = dv + _dot(pd_t.astype(vc.dtype), dob, (3, 4), (2, 3), st.precision)
-                dp_t = _dot(vb, dob, (3,), (4,), st.precision)  # (B, K, ck, G, cq)
+                dv = dv + _mm(pd_t.astype(vc.dtype), dob, 2, 1, st.precision)  # (BK, ck, Hv)
+                dp_t = _mm(vb, dob_t, 2, 1, st.precision)  # (BK, ck, G·cq)
                 if st.dropout_rate > 0.0:
                     dp_t = jnp.where(keep, dp_t * inv, 0.0)
-                ds_t = p_t * (dp_t - d_b[:, :, None])
+                ds_t = p_t * (dp_t - d_b[:, None, :])
                 if dbias is not None:
-                    dbias = _add_dbias(dbias, ds_t, q_start, cq, k_start, ck)
+                    dbias = _add_dbias(dbias, ds_t.reshape(B, K, ck, G, cq), q_start, cq,
+                                       k_start, ck)
                 if t is not None:
                     ds_t = ds_t * (1.0 - t * t)
                 if st.scale != 1.0:
                     ds_t = ds_t * _F32(st.scale)
                 ds_c = ds_t.astype(dt)
-                dk = dk + _dot(ds_c, qb, (3, 4), (2, 3), st.precision)  # (B, K, ck, H)
-                dq_blk = _dot(k_t, ds_c, (3,), (2,), st.precision)  # (B, K, H, G, cq)
+                dk = dk + _mm(ds_c, qb, 2, 1, st.precision)  # (BK, ck, H)
+                dq_blk = _mm(k_t, ds_c, 2, 1, st.precision)  # (BK, H, G·cq)
                 prev = lax.dynamic_index_in_dim(dq_t, i, keepdims=False)
                 dq_t = lax.dynamic_update_index_in_dim(dq_t, prev + dq_blk, i, 0)
                 return dk, dv, dq_t, dbias
 
             return body
 
-        c = (jnp.zeros((B, K, ck, H), _F32), jnp.zeros((B, K, ck, Hv), _F32), dq_t, dbias)
+        c = (jnp.zeros((BK, ck, H), _F32), jnp.zeros((BK, ck, vb.shape[-1]), _F32), dq_t, dbias)
         if needs_mask:
             ranges = info.query_block_ranges(k_start, ck, cq, nq)
             c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)
@@ -226,7 +248,7 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     (dq_t, dbias), (dkc, dvc) = lax.scan(
         k_step, (dq_t0, dbias0), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
     )
-    dqc = jnp.transpose(dq_t, (0, 1, 2, 4, 5, 3)).astype(dt)
+    dqc = jnp.swapaxes(dq_t, -1, -2).astype(dt)
     if dbias is not None:
         dbias = dbias.astype(bias5.dtype)
     return dqc, dkc, dvc, dbias
@@ -292,11 +314,14 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
         dropout_rate=float(dropout_rate),
         precision=precision,
-        num_q=nq, num_k=nk, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S,
+        num_q=nq, num_k=nk, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S, batch=B,
     )
-    qc = _pad_axis(q, 1, tp).reshape(B, nq, q_chunk, K, G, H).transpose(1, 0, 3, 4, 2, 5)
-    kc = _pad_axis(k, 1, sp).reshape(B, nk, k_chunk, K, H).transpose(1, 0, 3, 2, 4)
-    vc = _pad_axis(v, 1, sp).reshape(B, nk, k_chunk, K, Hv).transpose(1, 0, 3, 2, 4)
+    qc = (_pad_axis(q, 1, tp).reshape(B, nq, q_chunk, K, G, H).transpose(1, 0, 3, 4, 2, 5)
+          .reshape(nq, B * K, G * q_chunk, H))
+    kc = (_pad_axis(k, 1, sp).reshape(B, nk, k_chunk, K, H).transpose(1, 0, 3, 2, 4)
+          .reshape(nk, B * K, k_chunk, H))
+    vc = (_pad_axis(v, 1, sp).reshape(B, nk, k_chunk, K, Hv).transpose(1, 0, 3, 2, 4)
+          .reshape(nk, B * K, k_chunk, Hv))
     if bias5 is not None:
         if bias5.shape[3] != 1:
             bias5 = _pad_axis(bias5, 3, tp)
@@ -304,8 +329,9 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
             bias5 = _pad_axis(bias5, 4, sp)
     info = _pad_info(info, tp, sp)
     out, lse = _core(qc, kc, vc, bias5, info, seed, st)
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :T]
-    lse = lse.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :T]
+    out = out.reshape(nq, B, K, G, q_chunk, Hv).transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)
+    lse = lse.reshape(nq, B, K, G, q_chunk).transpose(1, 0, 4, 2, 3).reshape(B, tp, N)
+    out, lse = out[:, :T], lse[:, :T]
     return out, lse
 
 
