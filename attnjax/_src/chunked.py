@@ -5,9 +5,12 @@ processed independently, with a ``jax.custom_vjp`` whose residuals are only the 
 and the log-sum-exp; the backward pass recomputes each score block (FlashAttention-2 style).
 Temporary memory is O(T·H + B·N·chunk²), forward and backward.
 
-Layout. Inputs are transposed once to a chunk-major layout, queries ``(nq, B, K, G, cq, H)`` and
-keys/values ``(nk, B, K, ck, H)``, so that every matmul is a plain batched matmul over (B, K) with
-no copy of K/V per query head (GQA). Masks are built per block from positions by
+Layout. Inputs are transposed once to a chunk-major layout of rank-3 blocks, queries
+``(nq, B·K, G·cq, H)`` and keys/values ``(nk, B·K, ck, H)``, so that every matmul is a plain
+batched matmul over B·K with no copy of K/V per query head (GQA). Score blocks are
+``(B·K, G·cq, ck)`` with no size-1 dims (5-d blocks with B = 1 or G = 1 made XLA:CPU's layout
+assignment copy every score block once more); masks, bias and dropout view them as 5-d
+``(B, K, G, cq, ck)`` through free reshapes. Masks are built per block from positions by
 :class:`~attnjax._src.masks.MaskInfo`; key blocks a causal/window/length mask hides entirely are
 never computed, and blocks it shows entirely skip the masking work.
 
@@ -15,7 +18,9 @@ Backward. Key blocks are the outer loop (dK, dV accumulate in registers), query 
 loop. Scores are recomputed transposed, ``sᵀ = K·Qᵀ``, so that every product is of the form
 ``A·B`` or ``A·Bᵀ`` and none needs a transposed left operand (those fall off XLA:CPU's fast
 matmul path): ``dV += Pᵀ·dO``, ``dK += dSᵀ·Q``, and ``dQᵀ += Kᵀ·dSᵀ`` (``Kᵀ`` of one block
-transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end).
+transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end). For the
+``A·Bᵀ`` products XLA copies the small ``B`` block transposed, fused with its slice; transposing
+``Q``/``dO``/``K`` once up front was measured no faster and costs O(T·H) more temporary memory.
 """
 
 from __future__ import annotations
@@ -105,8 +110,6 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
     Hv = vc.shape[-1]
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
-    # Keys transposed once, (nk, BK, H, ck): every score product is then a plain A·B.
-    kc_t = jnp.swapaxes(kc, -1, -2)
     custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
 
     def q_step(xs):
@@ -116,10 +119,10 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
         def make_body(masked: bool):
             def body(j, carry):
                 m, l, acc = carry
-                kb_t = lax.dynamic_index_in_dim(kc_t, j, keepdims=False)
+                kb = lax.dynamic_index_in_dim(kc, j, keepdims=False)
                 vb = lax.dynamic_index_in_dim(vc, j, keepdims=False)
                 k_start = j * ck
-                s = _mm(qb, kb_t, 2, 1, st.precision)  # (BK, G·cq, ck)
+                s = _mm(qb, kb, 2, 2, st.precision)  # (BK, G·cq, ck)
                 vis = info.visible(q_start, cq, k_start, ck, QK, padded_kv) if masked else None
                 if custom or vis is not None:
                     bias_blk = (None if bias5 is None
@@ -174,10 +177,6 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
-    # Queries and output cotangents transposed once, (nq, BK, H, G·cq), so that the transposed
-    # score products sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ are plain A·B.
-    qc_t = jnp.swapaxes(qc, -1, -2)
-    dout_t = jnp.swapaxes(dout, -1, -2)
     dq_t0 = jnp.zeros((nq, BK, H, R), _F32)
     dbias0 = None if bias5 is None else jnp.zeros(bias5.shape, _F32)
 
@@ -191,13 +190,13 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
             def body(i, c):
                 dk, dv, dq_t, dbias = c
                 qb = lax.dynamic_index_in_dim(qc, i, keepdims=False)
-                qb_t = lax.dynamic_index_in_dim(qc_t, i, keepdims=False)
                 dob = lax.dynamic_index_in_dim(dout, i, keepdims=False)
-                dob_t = lax.dynamic_index_in_dim(dout_t, i, keepdims=False)
                 lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
                 d_b = lax.dynamic_index_in_dim(delta, i, keepdims=False)
                 q_start = i * cq
-                s_t = _mm(kb, qb_t, 2, 1, st.precision)  # (BK, ck, G·cq)
+                # sᵀ = K·Qᵀ: XLA copies the (G·cq, H) block transposed (fused with its slice);
+                # transposing Q once up front is no faster and costs O(T·H) more memory.
+                s_t = _mm(kb, qb, 2, 2, st.precision)  # (BK, ck, G·cq)
                 vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
                 t = None
                 if custom or vis is not None:
@@ -216,7 +215,7 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
                 else:
                     pd_t = p_t
                 dv = dv + _mm(pd_t.astype(vc.dtype), dob, 2, 1, st.precision)  # (BK, ck, Hv)
-                dp_t = _mm(vb, dob_t, 2, 1, st.precision)  # (BK, ck, G·cq)
+                dp_t = _mm(vb, dob, 2, 2, st.precision)  # (BK, ck, G·cq)
                 if st.dropout_rate > 0.0:
                     dp_t = jnp.where(keep, dp_t * inv, 0.0)
                 ds_t = p_t * (dp_t - d_b[:, None, :])
