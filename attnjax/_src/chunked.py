@@ -98,6 +98,31 @@ def _three_loops(ranges, masked_body, plain_body, carry, always_masked: bool):
     return lax.fori_loop(fhi, hi, masked_body, carry)
 
 
+def _varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _vma(*trees) -> tuple:
+    """Mesh axes that some leaf of ``trees`` varies over (inside ``shard_map``); () elsewhere."""
+    axes = set()
+    for leaf in jax.tree_util.tree_leaves(trees):
+        axes |= _varying_axes(leaf)
+    return tuple(sorted(axes, key=str))
+
+
+def _varying(x, axes: tuple):
+    """Mark a fresh loop-carry init as varying over ``axes``, so that ``fori_loop``/``scan``
+    carries keep one type under ``shard_map(check_vma=True)``. A no-op outside ``shard_map``."""
+    have = _varying_axes(x)
+    extra = tuple(a for a in axes if a not in have)
+    return lax.pcast(x, extra, to="varying") if extra else x
+
+
 def _needs_mask(info: MaskInfo, st: _Static) -> bool:
     return not info.is_trivial(st.num_k * st.k_chunk)
 
@@ -110,7 +135,7 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
     Hv = vc.shape[-1]
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
-    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    vma = _vma(qc, kc, vc, bias5, info, seed)
 
     def q_step(xs):
         i, qb = xs
@@ -144,11 +169,11 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
 
             return body
 
-        carry = (
-            jnp.full((BK, R), -jnp.inf, _F32),
-            jnp.zeros((BK, R), _F32),
-            jnp.zeros((BK, R, Hv), _F32),
-        )
+        carry = tuple(_varying(x, vma) for x in (
+            jnp.full((B, K, G, cq), -jnp.inf, _F32),
+            jnp.zeros((B, K, G, cq), _F32),
+            jnp.zeros((B, K, G, cq, Hv), _F32),
+        ))
         if needs_mask:
             ranges = info.key_block_ranges(q_start, cq, ck, nk)
             carry = _three_loops(ranges, make_body(True), make_body(False), carry, info.has_dense)
@@ -177,8 +202,9 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
-    dq_t0 = jnp.zeros((nq, BK, H, R), _F32)
-    dbias0 = None if bias5 is None else jnp.zeros(bias5.shape, _F32)
+    vma = _vma(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse)
+    dq_t0 = _varying(jnp.zeros((nq, B, K, H, G, cq), _F32), vma)
+    dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, _F32), vma)
 
     def k_step(carry, xs):
         dq_t, dbias = carry
@@ -235,7 +261,8 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
 
             return body
 
-        c = (jnp.zeros((BK, ck, H), _F32), jnp.zeros((BK, ck, vb.shape[-1]), _F32), dq_t, dbias)
+        c = (_varying(jnp.zeros((B, K, ck, H), _F32), vma),
+             _varying(jnp.zeros((B, K, ck, Hv), _F32), vma), dq_t, dbias)
         if needs_mask:
             ranges = info.query_block_ranges(k_start, ck, cq, nq)
             c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)

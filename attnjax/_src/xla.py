@@ -22,28 +22,53 @@ def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_ca
     G = N // K
     Hv = v.shape[-1]
     f32 = jnp.float32
-    qg = q.reshape(B, T, K, G, H)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=f32, precision=precision)
-    s = s * f32(scale)
-    if logits_soft_cap is not None:
-        c = f32(logits_soft_cap)
-        s = c * jnp.tanh(s / c)
+    # Everything that may depend on the query group g: (B|1, K|1, G|1, T|1, S|1) arrays.
+    per_group = {}
     if bias is not None:
-        s = s + to_grouped(bias, K, T, S, 0).astype(f32)
+        per_group["bias"] = to_grouped(bias, K, T, S, 0)
     vis = info.visible(0, T, 0, S, QK)
     if vis is not None:
-        s = jnp.where(vis, s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    w = p / jnp.where(l > 0, l, 1.0)
-    lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m, -jnp.inf)
+        per_group["vis"] = vis
     if dropout_rate > 0.0:
-        keep = dropout_lib.keep_mask(seed, K, G, B, 0, T, 0, S, dropout_rate, QK)
-        w = jnp.where(keep, w / f32(1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", w.astype(v.dtype), v, preferred_element_type=f32,
-                     precision=precision)
+        per_group["keep"] = dropout_lib.keep_mask(seed, K, G, B, 0, T, 0, S, dropout_rate, QK)
+    grouped = {n: x for n, x in per_group.items() if x.shape[2] != 1}
+    shared = {n: x[:, :, 0] for n, x in per_group.items() if x.shape[2] == 1}
+
+    def one_group(qk, g_arrays):
+        # qk: (B, T, K, H); masks and bias: (B|1, K|1, T|1, S|1). The 4-D einsums are the
+        # layout XLA:CPU handles best (as in jax.nn); groups are vmapped, K/V never copied.
+        arrays = {**shared, **g_arrays}
+        s = jnp.einsum("btkh,bskh->bkts", qk, k, preferred_element_type=f32, precision=precision)
+        s = s * f32(scale)
+        if logits_soft_cap is not None:
+            c = f32(logits_soft_cap)
+            s = c * jnp.tanh(s / c)
+        if "bias" in arrays:
+            s = s + arrays["bias"].astype(f32)
+        if "vis" in arrays:
+            s = jnp.where(arrays["vis"], s, -jnp.inf)
+        m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(s - m)
+        l = jnp.sum(p, axis=-1)  # (B, K, T)
+        safe_l = jnp.where(l > 0, l, 1.0)
+        lse = jnp.where(l > 0, jnp.log(safe_l) + m[..., 0], -jnp.inf)
+        if "keep" in arrays:
+            p = jnp.where(arrays["keep"], p / f32(1.0 - dropout_rate), 0.0)
+        if v.dtype != f32:
+            # Low precision: normalise before the cast, as the weights feed a bf16/f16 matmul.
+            p = p / safe_l[..., None]
+        out = jnp.einsum("bkts,bskh->btkh", p.astype(v.dtype), v, preferred_element_type=f32,
+                         precision=precision)
+        if v.dtype == f32:
+            # Normalise the (T, Hv) output rather than the (T, S) weights: one pass fewer over the
+            # score block (about 2x faster on XLA:CPU than dividing the weights).
+            inv = jnp.where(l > 0, 1.0 / safe_l, 0.0)
+            out = out * jnp.transpose(inv, (0, 2, 1))[..., None]
+        return out, lse  # (B, T, K, Hv), (B, K, T)
+
+    qg = q.reshape(B, T, K, G, H)
+    out, lse = jax.vmap(one_group, in_axes=(3, 2), out_axes=(3, 2))(qg, grouped)
     out = out.reshape(B, T, N, Hv).astype(q.dtype)
-    lse = jnp.transpose(lse[..., 0], (0, 3, 1, 2)).reshape(B, T, N)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)  # (B, K, G, T) -> (B, T, N)
     return out, lse

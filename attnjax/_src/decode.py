@@ -1,0 +1,411 @@
+"""Autoregressive decoding: a KV cache pytree and attention of new tokens against it.
+
+A step with ``T`` new tokens (``T = 1`` for ordinary decoding, the whole prompt for prefill, or
+anything in between for speculative / chunked steps) computes, for each batch row ``b`` whose
+cache already holds ``P[b] = cache.lengths[b]`` tokens:
+
+* the attention of the ``T`` queries over the *cached* keys (positions ``< P[b]``), read in
+  chunks of the cache in its own layout (no transpose, no copy), each chunk merged into a running
+  log-sum-exp (split-K). Only chunks that hold a visible key are read (the loop's trip count is
+  dynamic), so a step over a cache that is 10% full reads 10% of it;
+* the causal attention of the ``T`` queries over the ``T`` *new* keys, with the core
+  :func:`attnjax.dot_product_attention` (chunked for long prompts);
+* the exact combination of the two by their log-sum-exps;
+* the write of the new keys/values into the cache (a scatter that XLA performs in place when the
+  cache buffer is donated), and ``lengths += query_seq_lengths``.
+
+Temporary memory of a step is O(B·N·T·C) for the score chunk (``C`` = key chunk size) plus
+O(B·T·N·H), independent of the cache length ``S``.
+
+A sliding-window cache (``window=W``) is a ring buffer of ``W`` slots: position ``p`` lives in
+slot ``p % W``. A query at position ``p`` attends to the last ``W`` positions, itself included
+(the core's ``local_window_size=(W - 1, 0)`` with ``is_causal=True``), so generation streams
+for ever in bounded memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from attnjax._src.attention import _normalise_window, dot_product_attention
+from attnjax._src.config import ChunkSize, as_chunk_size
+
+_F32 = jnp.float32
+
+# Default number of cache slots read per chunk of a decode step.
+DEFAULT_DECODE_CHUNK = 1024
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of past tokens, per batch row, in BSKH layout.
+
+    Create one with :meth:`KVCache.create`; update it with :func:`cached_attention`, which
+    returns a new cache (under ``jax.jit`` with the cache donated, the update is in place).
+
+    Attributes:
+      key: ``(B, L, K, H)`` cached keys (``L`` slots, kv heads not repeated per query head).
+      value: ``(B, L, K, Hv)`` cached values.
+      lengths: int32 ``(B,)``: tokens seen so far by each row, i.e. the position of its next
+        token. Rows may be at different positions.
+      window: ``None`` for a plain cache (slot ``p`` holds position ``p``; at most ``L`` tokens),
+        or ``W`` for a sliding-window ring buffer of ``L = W`` slots (unbounded length; every
+        query sees the last ``W`` positions, itself included). Static.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    lengths: jax.Array
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, batch_size: int, max_length: int | None, num_kv_heads: int, head_dim: int,
+               dtype=jnp.float32, *, window: int | None = None,
+               value_head_dim: int | None = None) -> KVCache:
+        """An empty cache (all lengths 0).
+
+        Args:
+          batch_size: B.
+          max_length: L, the most tokens a plain cache can hold. Ignored (may be ``None``) when
+            ``window`` is given.
+          num_kv_heads: K. head_dim: H. value_head_dim: Hv (default H).
+          dtype: storage dtype of keys and values.
+          window: a positive int ``W`` for a sliding-window ring buffer of ``W`` slots: each
+            token attends to the last ``W`` tokens, itself included (the core's
+            ``local_window_size=(W - 1, 0)``).
+
+        Raises:
+          ValueError: non-positive sizes, or neither ``max_length`` nor ``window``.
+
+        Example:
+          >>> cache = KVCache.create(2, 1024, num_kv_heads=2, head_dim=64)
+          >>> cache.key.shape, cache.lengths
+          ((2, 1024, 2, 64), Array([0, 0], dtype=int32))
+        """
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
+                raise ValueError(f"window must be a positive int or None, got {window!r}")
+            slots = int(window)
+        else:
+            if max_length is None:
+                raise ValueError("max_length must be given for a cache without a window, got None")
+            slots = int(max_length)
+        value_head_dim = head_dim if value_head_dim is None else value_head_dim
+        for name, val in (("batch_size", batch_size), ("max_length", slots),
+                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                          ("value_head_dim", value_head_dim)):
+            if int(val) < 1:
+                raise ValueError(f"{name} must be a positive int, got {val}")
+        return cls(
+            key=jnp.zeros((batch_size, slots, num_kv_heads, head_dim), dtype),
+            value=jnp.zeros((batch_size, slots, num_kv_heads, value_head_dim), dtype),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+            window=None if window is None else int(window),
+        )
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots ``L``."""
+        return self.key.shape[1]
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
+    """Online-softmax update of ``carry = (m, l, acc)`` with one key block.
+
+    ``qg (B, T, K, G, H)`` scaled float32 queries, ``kb (B, C, K, H)``, ``vb (B, C, K, Hv)``,
+    ``vis`` boolean broadcastable to ``(B, T, C)``.
+    """
+    m, den, acc = carry
+    s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=_F32,
+                   precision=precision)
+    if logits_soft_cap is not None:
+        cap = _F32(logits_soft_cap)
+        s = cap * jnp.tanh(s / cap)
+    s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_use[..., None])
+    alpha = jnp.exp(m - m_use)
+    den = den * alpha + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(vb.dtype), vb, preferred_element_type=_F32,
+                    precision=precision)
+    return m_new, den, acc * alpha[..., None] + pv
+
+
+def _visible(pos, valid, qpos, window_left):
+    """``(B, T, C)`` visibility of keys at ``pos (B, C)`` (``valid (B, C)``) for ``qpos (B, T)``."""
+    vis = valid[:, None, :]
+    if window_left is not None:
+        vis = vis & (pos[:, None, :] >= qpos[:, :, None] - window_left)
+    return vis
+
+
+def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
+                  logits_soft_cap, precision, carry):
+    """Merge into ``carry`` the attention of ``qg (B, T, K, G, H)`` over the cached positions
+    ``< P`` still present in the (already updated) buffers ``key``/``value`` ``(B, L, K, H)``,
+    which hold every position ``< P_end`` that fits.
+
+    Chunks of ``C`` slots are read in place with ``dynamic_slice``; the loop runs only over
+    chunks that can hold a visible position (dynamic trip count).
+    """
+    B, T = qg.shape[:2]
+    L = key.shape[1]
+    C = min(chunk, L)
+    filled = jnp.minimum(P, L)  # slots holding a position < P (in order, for a plain cache)
+    hi = (jnp.max(filled) + C - 1) // C
+    lo = jnp.int32(0)
+    if window_left is not None and not ring:
+        # Keys before min(P) - window_left are hidden from every query: skip their chunks.
+        lo = jnp.maximum(jnp.min(P) - window_left, 0) // C
+    if ring:
+        hi = jnp.int32(-(-L // C))
+    qpos = P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # (B, T)
+    Pc = P[:, None]
+
+    def body(c, carry):
+        start = jnp.minimum(c * C, L - C)  # the last chunk overlaps the previous one
+        kb = lax.dynamic_slice_in_dim(key, start, C, axis=1)  # (B, C, K, H)
+        vb = lax.dynamic_slice_in_dim(value, start, C, axis=1)
+        slots = start + jnp.arange(C, dtype=jnp.int32)
+        if ring:
+            # the slot holds its newest position < P_end; those >= P are this step's tokens
+            last = P_end[:, None] - 1
+            pos = last - jnp.mod(last - slots[None, :], L)
+            valid = (pos >= 0) & (pos < Pc)
+        else:
+            pos = jnp.broadcast_to(slots[None, :], (B, C))
+            valid = pos < Pc
+        valid = valid & (slots >= c * C)[None, :]  # overlap of the last chunk: counted already
+        return _block_update(carry, qg, kb, vb, _visible(pos, valid, qpos, window_left),
+                             logits_soft_cap, precision)
+
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+def _finish(carry):
+    """``(m, l, acc)`` -> normalised ``out (B, T, K, G, Hv)`` and ``lse (B, T, K, G)``."""
+    m, den, acc = carry
+    safe = jnp.where(den > 0, den, 1.0)
+    out = acc / safe[..., None]
+    lse = jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)), jnp.transpose(lse, (0, 3, 1, 2))
+
+
+def _combine(o_a, lse_a, o_b, lse_b):
+    """Exact softmax merge of two partial attentions over disjoint key sets."""
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    wa = jnp.exp(lse_a - m)
+    wb = jnp.exp(lse_b - m)
+    den = wa + wb
+    safe = jnp.where(den > 0, den, 1.0)
+    out = (o_a * wa[..., None] + o_b * wb[..., None]) / safe[..., None]
+    lse = jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
+    return out, lse
+
+
+def cached_attention(
+    query,
+    key,
+    value,
+    cache: KVCache,
+    *,
+    query_seq_lengths=None,
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: str | None = None,
+    chunk_size: ChunkSize | int | tuple[int, int] | None = None,
+    precision=None,
+):
+    r"""Causal attention of ``T`` new tokens against a :class:`KVCache`, and the cache update.
+
+    Row ``b``'s new tokens sit at positions ``P[b] + t`` (``P = cache.lengths``,
+    ``t < T``). Each attends causally to all earlier positions of its row (the cached ones and
+    the new ones before it) and to itself; with ``cache.window = W`` only to positions
+    ``> P[b] + t - W`` (the last ``W``), with ``local_window_size = w`` only to positions
+    ``>= P[b] + t - w``. The result
+    equals ``dot_product_attention(q_all, k_all, v_all, is_causal=True)`` restricted to the new
+    rows, where ``*_all`` hold the row's whole history (prefill with an empty cache and a prompt
+    of any length, single-token steps, multi-token steps all use this one function).
+
+    The cached part is read in chunks of the cache (only chunks that hold a visible position) and
+    merged by log-sum-exp (split-K): a step's temporary memory is O(B·N·T·C), ``C`` the key chunk
+    size, independent of the cache length.
+
+    Args:
+      query: ``(B, T, N, H)`` new queries.
+      key: ``(B, T, K, H)`` new keys; value: ``(B, T, K, Hv)`` new values (cast to the cache
+        dtype when stored).
+      cache: the cache; ``B``, ``K``, ``H``, ``Hv`` must match.
+      query_seq_lengths: optional int ``(B,)``: row ``b`` has only its first
+        ``query_seq_lengths[b]`` tokens valid (ragged prompts padded on the right, or rows that
+        sit out a step with 0). Only valid tokens are written and counted; outputs of the others
+        are zero.
+      scale: logit scale, default ``1/sqrt(H)``.
+      local_window_size: ``w`` or ``(w, right)`` (``right`` is irrelevant under the causal
+        mask): sliding-window attention over a plain cache (the cache still stores everything).
+      logits_soft_cap: as in :func:`attnjax.dot_product_attention`.
+      implementation: core implementation for the new-token part (``None`` = auto).
+      chunk_size: a :class:`attnjax.ChunkSize`/int/pair; its ``key`` size is the number of
+        cache slots read per chunk (default 1024 when ``None``) and both sizes drive the core
+        for the new-token part.
+      precision: matmul precision.
+
+    Returns:
+      ``(out, new_cache)``: ``out (B, T, N, Hv)`` in the query dtype, and the updated cache.
+
+    Raises:
+      ValueError: shape mismatches with the cache (batch, heads, head dims), ``N % K != 0``,
+        ``T`` larger than a plain cache, or (when lengths are concrete, i.e. outside ``jit``) a
+        step that would overflow a plain cache. Under ``jit`` an overflowing row cannot raise:
+        its output is NaN (and stays NaN) instead of silently wrong.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> cache = KVCache.create(1, 128, num_kv_heads=2, head_dim=16)
+      >>> q = jnp.ones((1, 5, 4, 16)); k = v = jnp.ones((1, 5, 2, 16))
+      >>> out, cache = cached_attention(q, k, v, cache)           # prefill 5 tokens
+      >>> out, cache = cached_attention(q[:, :1], k[:, :1], v[:, :1], cache)  # one step
+      >>> cache.lengths
+      Array([6], dtype=int32)
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 (B, T, heads, dim), got shape {x.shape}")
+    B, T, N, H = query.shape
+    cB, L, K, cH = cache.key.shape
+    Hv = cache.value.shape[-1]
+    if cB != B or key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(
+            f"batch mismatch: cache holds {cB} rows, got query {query.shape}, key {key.shape}, "
+            f"value {value.shape}"
+        )
+    if key.shape != (B, T, K, cH) or value.shape != (B, T, K, Hv):
+        raise ValueError(
+            f"key/value must have shapes {(B, T, K, cH)} and {(B, T, K, Hv)} to match the query "
+            f"and the cache (K={K}, H={cH}, Hv={Hv}), got key {key.shape}, value {value.shape}"
+        )
+    if H != cH:
+        raise ValueError(f"query head dim {H} must equal the cache head dim {cH}")
+    if N % K != 0:
+        raise ValueError(f"query heads N={N} must be a multiple of the cache's kv heads K={K}")
+    ring = cache.window is not None
+    if not ring and T > L:
+        raise ValueError(f"a step of T={T} tokens does not fit in a cache of max_length {L}")
+    window = _normalise_window(local_window_size)
+    window_left = None if window is None else window[0]
+    if ring:
+        # a ring of W slots: each token sees itself and the W - 1 previous tokens
+        w = cache.window - 1
+        window_left = w if window_left is None else min(window_left, w)
+
+    P = cache.lengths.astype(jnp.int32)
+    if query_seq_lengths is None:
+        n = jnp.full((B,), T, jnp.int32)
+    else:
+        n = jnp.asarray(query_seq_lengths)
+        if not jnp.issubdtype(n.dtype, jnp.integer) or n.shape != (B,):
+            raise ValueError(
+                f"query_seq_lengths must be an int array of shape (B,) = ({B},), got "
+                f"{n.dtype}{tuple(n.shape)}"
+            )
+        n = jnp.clip(n.astype(jnp.int32), 0, T)
+    overflow = None
+    if not ring:
+        overflow = P + n > L
+        if _is_concrete(P) and _is_concrete(n):
+            bad = np.asarray(overflow)
+            if bad.any():
+                rows = np.nonzero(bad)[0].tolist()
+                raise ValueError(
+                    f"cache overflow: rows {rows} hold {np.asarray(P)[rows].tolist()} tokens and "
+                    f"this step adds {np.asarray(n)[rows].tolist()}, but max_length is {L}; "
+                    "use a larger cache or KVCache.create(..., window=W)"
+                )
+
+    chunks = as_chunk_size(chunk_size)
+    decode_chunk = DEFAULT_DECODE_CHUNK if chunk_size is None else chunks.key
+    if scale is None:
+        scale = 1.0 / math.sqrt(H)
+
+    G = N // K
+    Hv = cache.value.shape[-1]
+    qg = (query.astype(_F32) * _F32(scale)).reshape(B, T, K, G, H)
+    qpos = P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    pos_new = P[:, None] + t  # (B, T)
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+    carry = (
+        jnp.full((B, K, G, T), -jnp.inf, _F32),
+        jnp.zeros((B, K, G, T), _F32),
+        jnp.zeros((B, K, G, T, Hv), _F32),
+    )
+
+    # 1. Ring buffer, multi-token step: the old entries this step overwrites (still visible to
+    #    its earlier queries) are gathered first (T slots) and attended to separately. XLA then
+    #    keeps the old buffer alive with one copy of the ring (W slots). Single-token steps need
+    #    no old entry (the one overwritten, position P - W, is outside every window) and update
+    #    the ring in place.
+    if ring and T > 1:
+        E = min(T, L)
+        te = t[:, :E]
+        slot_e = jnp.mod(pos_new[:, :E], L)
+        ke = cache.key[rows[:, :E], slot_e]  # (B, E, K, H)
+        ve = cache.value[rows[:, :E], slot_e]
+        pos_e = pos_new[:, :E] - L
+        valid_e = (pos_e >= 0) & ((n[:, None] >= L) | (te < n[:, None]))
+        carry = _block_update(carry, qg, ke, ve, _visible(pos_e, valid_e, qpos, window_left),
+                              logits_soft_cap, precision)
+
+    # 2. Write the valid new tokens into their slots first (out-of-range indices are dropped):
+    #    writing before reading lets XLA update a donated cache in place, with no copy.
+    if ring:
+        keep = (t < n[:, None]) & (t >= n[:, None] - L)
+        idx = jnp.where(keep, jnp.mod(pos_new, L), L)
+    else:
+        idx = jnp.where(t < n[:, None], pos_new, L)
+    new_key = cache.key.at[rows, idx].set(key.astype(cache.key.dtype), mode="drop")
+    new_value = cache.value.at[rows, idx].set(value.astype(cache.value.dtype), mode="drop")
+
+    # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
+    carry = _attend_cache(qg, new_key, new_value, P, P + n, window_left, ring, decode_chunk,
+                          logits_soft_cap, precision, carry)
+    o_old, lse_old = _finish(carry)
+    o_old = o_old.reshape(B, T, N, Hv)
+    lse_old = lse_old.reshape(B, T, N)
+
+    # 4. Causal attention over the T new tokens, through the core, in float32 (T-sized).
+    up = (lambda x: x.astype(_F32)) if jnp.dtype(query.dtype).itemsize < 4 else (lambda x: x)
+    o_new, lse_new = dot_product_attention(
+        up(query), up(key), up(value), scale=scale, is_causal=True,
+        local_window_size=None if window_left is None else (window_left, 0),
+        key_value_seq_lengths=None if query_seq_lengths is None else n,
+        logits_soft_cap=logits_soft_cap, implementation=implementation,
+        chunk_size=chunk_size, precision=precision, return_residual=True,
+    )
+
+    # 5. Exact merge by log-sum-exp.
+    out, _ = _combine(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
+    row_ok = t < n[:, None]  # (B, T)
+    out = jnp.where(row_ok[..., None, None], out, 0.0)
+    if overflow is not None:
+        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+    out = out.astype(query.dtype)
+    new_cache = dataclasses.replace(cache, key=new_key, value=new_value, lengths=P + n)
+    return out, new_cache

@@ -1,0 +1,185 @@
+"""attnjax.KVCache / attnjax.cached_attention against an independent float64 NumPy reference."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax import KVCache, cached_attention
+
+B, N, K, H = 3, 4, 2, 8
+TOTAL = 24
+
+
+def _histories(seed=0, total=TOTAL):
+    r = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(r[0], (B, total, N, H), jnp.float32)
+    k = jax.random.normal(r[1], (B, total, K, H), jnp.float32)
+    v = jax.random.normal(r[2], (B, total, K, H), jnp.float32)
+    return q, k, v
+
+
+def _ref(q, k, v, b, p, window=None, cap=None):
+    """float64 attention output of row b's query at position p over its keys 0..p."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    G = N // K
+    out = np.zeros((N, H))
+    for n in range(N):
+        s = k[b, : p + 1, n // G] @ q[b, p, n] / np.sqrt(H)
+        if cap is not None:
+            s = cap * np.tanh(s / cap)
+        j = np.arange(p + 1)
+        if window is not None:
+            s = np.where(j >= p - window, s, -np.inf)
+        w = np.exp(s - s.max())
+        out[n] = (w / w.sum()) @ v[b, : p + 1, n // G]
+    return out
+
+
+def _run(schedule, cache, q, k, v, step, **kw):
+    """Feed ``schedule``: list of (T, per-row counts). Returns {(b, pos): output}."""
+    got = {}
+    pos = np.zeros(B, int)
+    for T, counts in schedule:
+        counts = np.asarray(counts)
+        take = np.stack([np.minimum(pos[b] + np.arange(T), TOTAL - 1) for b in range(B)])
+        qs, ks, vs = (jnp.asarray(np.asarray(x)[np.arange(B)[:, None], take]) for x in (q, k, v))
+        out, cache = step(qs, ks, vs, cache, jnp.asarray(counts, jnp.int32))
+        out = np.asarray(out)
+        for b in range(B):
+            for t in range(T):
+                if t < counts[b]:
+                    got[(b, pos[b] + t)] = out[b, t]
+                else:
+                    assert np.all(out[b, t] == 0)  # padding rows output exact zeros
+        pos += counts
+    np.testing.assert_array_equal(np.asarray(cache.lengths), pos)
+    return got, cache
+
+
+def _check(got, q, k, v, **ref_kw):
+    assert got
+    for (b, p), o in got.items():
+        np.testing.assert_allclose(o, _ref(q, k, v, b, p, **ref_kw), atol=3e-5, rtol=3e-5,
+                                   err_msg=f"row {b} position {p}")
+
+
+def _stepper(**kw):
+    @jax.jit
+    def step(q, k, v, cache, n):
+        return cached_attention(q, k, v, cache, query_seq_lengths=n, **kw)
+    return step
+
+
+@pytest.mark.parametrize("prompt,chunk", [(1, 3), (5, 3), (11, 3), (5, 1024)])
+def test_prefill_then_single_steps(prompt, chunk):
+    q, k, v = _histories()
+    schedule = [(prompt, [prompt] * B)] + [(1, [1] * B)] * 6
+    cache = KVCache.create(B, 20, K, H)  # 20 is not a multiple of 3: overlapping last chunk
+    got, _ = _run(schedule, cache, q, k, v, _stepper(chunk_size=chunk))
+    _check(got, q, k, v)
+
+
+def test_rows_at_different_positions_and_multi_token_steps():
+    q, k, v = _histories(1)
+    schedule = [(6, [6, 2, 0]), (1, [1, 1, 1]), (4, [4, 1, 3]), (3, [0, 3, 2]), (1, [1, 1, 1])]
+    got, _ = _run(schedule, KVCache.create(B, 16, K, H), q, k, v, _stepper(chunk_size=4))
+    _check(got, q, k, v)
+
+
+@pytest.mark.parametrize("window", [1, 4, 7])
+def test_sliding_window_ring_buffer(window):
+    q, k, v = _histories(2)
+    # prompt longer than the window, single steps that wrap around, multi-token steps shorter
+    # and longer than the window, ragged rows
+    schedule = [(9, [9, 3, 5]), (1, [1, 1, 1]), (1, [1, 1, 1]), (3, [3, 2, 3]),
+                (8, [8, 8, 1]), (1, [1, 1, 1])]
+    cache = KVCache.create(B, None, K, H, window=window)
+    assert cache.key.shape[1] == window
+    got, cache = _run(schedule, cache, q, k, v, _stepper(chunk_size=3))
+    _check(got, q, k, v, window=window - 1)  # the last `window` positions, itself included
+
+
+def test_window_on_plain_cache_and_soft_cap():
+    q, k, v = _histories(3)
+    schedule = [(7, [7, 7, 7])] + [(1, [1, 1, 1])] * 5 + [(3, [3, 3, 3])]
+    step = _stepper(chunk_size=2, local_window_size=(3, 0), logits_soft_cap=2.0)
+    got, _ = _run(schedule, KVCache.create(B, 18, K, H), q, k, v, step)
+    _check(got, q, k, v, window=3, cap=2.0)
+
+
+def test_matches_full_forward_of_core_bf16_cache():
+    q, k, v = _histories(4, total=12)
+    full = attnjax.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    cache = KVCache.create(B, 12, K, H, dtype=jnp.bfloat16)
+    step = jax.jit(cached_attention)
+    out1, cache = step(q[:, :8], k[:, :8], v[:, :8], cache)
+    out2, cache = step(q[:, 8:], k[:, 8:], v[:, 8:], cache)
+    assert cache.key.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([out1, out2], 1)), np.asarray(full),
+                               atol=3e-2)
+
+
+def test_overflow_and_bad_input():
+    q, k, v = _histories()
+    cache = KVCache.create(B, 4, K, H)
+    _, cache = cached_attention(q[:, :3], k[:, :3], v[:, :3], cache)
+    with pytest.raises(ValueError, match="overflow"):
+        cached_attention(q[:, :2], k[:, :2], v[:, :2], cache)
+    with pytest.raises(ValueError, match="does not fit"):
+        cached_attention(q[:, :5], k[:, :5], v[:, :5], KVCache.create(B, 4, K, H))
+    # under jit the overflow cannot raise: the overflowing rows are NaN, never silently wrong
+    out, _ = jax.jit(cached_attention)(q[:, :2], k[:, :2], v[:, :2], cache)
+    assert np.isnan(np.asarray(out)).all()
+    with pytest.raises(ValueError, match="batch mismatch"):
+        cached_attention(q[:2, :1], k[:2, :1], v[:2, :1], cache)
+    with pytest.raises(ValueError, match="multiple"):
+        cached_attention(q[:, :1, :3], k[:, :1], v[:, :1], KVCache.create(B, 4, K, H))
+    with pytest.raises(ValueError, match="key/value"):
+        cached_attention(q[:, :1], k[:, :1, :1], v[:, :1, :1], KVCache.create(B, 4, K, H))
+    with pytest.raises(ValueError, match="window"):
+        KVCache.create(B, 4, K, H, window=0)
+    with pytest.raises(ValueError, match="query_seq_lengths"):
+        cached_attention(q[:, :1], k[:, :1], v[:, :1], KVCache.create(B, 4, K, H),
+                         query_seq_lengths=jnp.ones((B + 1,), jnp.int32))
+
+
+def _compiled_step(L, T, window=None, chunk=256):
+    cache = KVCache.create(1, L, 8, 64, window=window)
+    q = jnp.ones((1, T, 8, 64))
+    k = v = jnp.ones((1, T, 8, 64))
+    f = jax.jit(lambda q, k, v, c: cached_attention(q, k, v, c, chunk_size=chunk),
+                donate_argnums=3)
+    comp = f.lower(q, k, v, cache).compile()
+    return comp, cache.key.nbytes
+
+
+@pytest.mark.parametrize("window", [None, 4096])
+def test_step_memory_is_flat_and_cache_updated_in_place(window):
+    temps = {}
+    for L in (4096, 16384):
+        for T in (1, 16):
+            if window is not None and (L != 4096 or T != 1):
+                continue  # ring buffer: single-token steps are in place (multi-token copy W)
+            comp, cache_bytes = _compiled_step(L if window is None else None, T, window)
+            ma = comp.memory_analysis()
+            temps[(L, T)] = ma.temp_size_in_bytes
+            hlo = comp.as_text()
+            # the cache buffers are donated and aliased to the outputs
+            assert ma.alias_size_in_bytes >= 2 * cache_bytes
+            assert "input_output_alias" in hlo
+            # no instruction copies a whole cache-shaped buffer
+            slots = L if window is None else window
+            shape = f"f32[1,{slots},8,64]"
+            copies = [ln for ln in hlo.splitlines()
+                      if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} copy\(", ln)]
+            assert not copies, copies
+            # temp memory is far below one cache buffer
+            assert ma.temp_size_in_bytes < cache_bytes / 4, (L, T, ma)
+    if window is None:
+        # does not grow with the cache length (4x longer cache -> same temp)
+        assert temps[(16384, 1)] <= temps[(4096, 1)] * 1.1 + 65536
+        assert temps[(16384, 16)] <= temps[(4096, 16)] * 1.1 + 65536
