@@ -10,7 +10,9 @@ Layout. Inputs are transposed once to a chunk-major layout of rank-3 blocks, que
 batched matmul over B·K with no copy of K/V per query head (GQA). Score blocks are
 ``(B·K, G·cq, ck)`` with no size-1 dims (5-d blocks with B = 1 or G = 1 made XLA:CPU's layout
 assignment copy every score block once more); masks, bias and dropout view them as 5-d
-``(B, K, G, cq, ck)`` through free reshapes. Masks are built per block from positions by
+``(B, K, G, cq, ck)`` through free reshapes. (:func:`_forward` and :func:`_backward` take and
+return the 5-d/6-d chunk-major layouts, which ring attention shares, and reshape them to rank 3
+for free.) Masks are built per block from positions by
 :class:`~attnjax._src.masks.MaskInfo`; key blocks a causal/window/length mask hides entirely are
 never computed, and blocks it shows entirely skip the masking work.
 
@@ -18,9 +20,10 @@ Backward. Key blocks are the outer loop (dK, dV accumulate in registers), query 
 loop. Scores are recomputed transposed, ``sᵀ = K·Qᵀ``, so that every product is of the form
 ``A·B`` or ``A·Bᵀ`` and none needs a transposed left operand (those fall off XLA:CPU's fast
 matmul path): ``dV += Pᵀ·dO``, ``dK += dSᵀ·Q``, and ``dQᵀ += Kᵀ·dSᵀ`` (``Kᵀ`` of one block
-transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end). For the
-``A·Bᵀ`` products XLA copies the small ``B`` block transposed, fused with its slice; transposing
-``Q``/``dO``/``K`` once up front was measured no faster and costs O(T·H) more temporary memory.
+transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end). The
+``A·Bᵀ`` products take the row-major ``B`` block as it is (only its dynamic slice is copied);
+transposing ``Q``/``dO``/``K`` once up front was measured no faster and costs O(T·H) more
+temporary memory.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ class _Static:
     q_chunk: int
     k_chunk: int
     kv_len: int  # true S (keys >= S are padding)
-    batch: int  # B (blocks are (B·K, G·chunk, ...); masks and dropout view them as 5-d)
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -128,14 +130,22 @@ def _needs_mask(info: MaskInfo, st: _Static) -> bool:
 
 
 def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
-    """Chunked forward. Returns ``out (nq, BK, G·cq, Hv)`` and ``lse (nq, BK, G·cq)`` (f32)."""
-    nq, BK, R, _ = qc.shape
-    B, K, G, cq = st.batch, BK // st.batch, R // st.q_chunk, st.q_chunk
+    """Chunked forward on ``qc (nq, B, K, G, cq, H)``, ``kc/vc (nk, B, K, ck, H|Hv)``.
+
+    Returns ``out (nq, B, K, G, cq, Hv)`` (q's dtype) and ``lse (nq, B, K, G, cq)`` (f32).
+    """
+    nq, B, K, G, cq, H = qc.shape
     nk, ck = st.num_k, st.k_chunk
     Hv = vc.shape[-1]
+    BK, R = B * K, G * cq
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
     vma = _vma(qc, kc, vc, bias5, info, seed)
+    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
+    qc = qc.reshape(nq, BK, R, H)
+    kc = kc.reshape(nk, BK, ck, H)
+    vc = vc.reshape(nk, BK, ck, Hv)
 
     def q_step(xs):
         i, qb = xs
@@ -170,9 +180,9 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
             return body
 
         carry = tuple(_varying(x, vma) for x in (
-            jnp.full((B, K, G, cq), -jnp.inf, _F32),
-            jnp.zeros((B, K, G, cq), _F32),
-            jnp.zeros((B, K, G, cq, Hv), _F32),
+            jnp.full((BK, R), -jnp.inf, _F32),
+            jnp.zeros((BK, R), _F32),
+            jnp.zeros((BK, R, Hv), _F32),
         ))
         if needs_mask:
             ranges = info.key_block_ranges(q_start, cq, ck, nk)
@@ -185,25 +195,38 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
         lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
         return out.astype(qc.dtype), lse
 
-    return lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc))
+    out, lse = lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc))
+    return out.reshape(nq, B, K, G, cq, Hv), lse.reshape(nq, B, K, G, cq)
 
 
 def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static):
-    """Chunked backward (key blocks outer). Returns ``dqc, dkc, dvc, dbias5``."""
-    nq, BK, R, H = qc.shape
-    B, K, G, cq = st.batch, BK // st.batch, R // st.q_chunk, st.q_chunk
+    """Chunked backward (key blocks outer), same layouts as :func:`_forward`.
+
+    Returns ``dqc, dkc, dvc, dbias5`` in the layouts (and dtypes) of ``qc, kc, vc, bias5``.
+    """
+    nq, B, K, G, cq, H = qc.shape
     nk, ck = st.num_k, st.k_chunk
+    Hv = vc.shape[-1]
+    BK, R = B * K, G * cq
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
     dt = qc.dtype
     custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
+    qc = qc.reshape(nq, BK, R, H)
+    kc = kc.reshape(nk, BK, ck, H)
+    vc = vc.reshape(nk, BK, ck, Hv)
+    out = out.reshape(nq, BK, R, Hv)
+    dout = dout.reshape(nq, BK, R, Hv)
+    lse = lse.reshape(nq, BK, R)
+    dlse = dlse.reshape(nq, BK, R)
 
     # D_i = rowsum(dO_i * O_i) - dlse_i (the log-sum-exp's own cotangent folds in here).
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
     vma = _vma(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse)
-    dq_t0 = _varying(jnp.zeros((nq, B, K, H, G, cq), _F32), vma)
+    dq_t0 = _varying(jnp.zeros((nq, BK, H, R), _F32), vma)
     dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, _F32), vma)
 
     def k_step(carry, xs):
@@ -220,8 +243,6 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
                 lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
                 d_b = lax.dynamic_index_in_dim(delta, i, keepdims=False)
                 q_start = i * cq
-                # sᵀ = K·Qᵀ: XLA copies the (G·cq, H) block transposed (fused with its slice);
-                # transposing Q once up front is no faster and costs O(T·H) more memory.
                 s_t = _mm(kb, qb, 2, 2, st.precision)  # (BK, ck, G·cq)
                 vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
                 t = None
@@ -261,8 +282,8 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
 
             return body
 
-        c = (_varying(jnp.zeros((B, K, ck, H), _F32), vma),
-             _varying(jnp.zeros((B, K, ck, Hv), _F32), vma), dq_t, dbias)
+        c = (_varying(jnp.zeros((BK, ck, H), _F32), vma),
+             _varying(jnp.zeros((BK, ck, Hv), _F32), vma), dq_t, dbias)
         if needs_mask:
             ranges = info.query_block_ranges(k_start, ck, cq, nq)
             c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)
@@ -274,10 +295,10 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     (dq_t, dbias), (dkc, dvc) = lax.scan(
         k_step, (dq_t0, dbias0), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
     )
-    dqc = jnp.swapaxes(dq_t, -1, -2).astype(dt)
+    dqc = jnp.swapaxes(dq_t, -1, -2).astype(dt).reshape(nq, B, K, G, cq, H)
     if dbias is not None:
         dbias = dbias.astype(bias5.dtype)
-    return dqc, dkc, dvc, dbias
+    return dqc, dkc.reshape(nk, B, K, ck, H), dvc.reshape(nk, B, K, ck, Hv), dbias
 
 
 def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
@@ -340,14 +361,11 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
         dropout_rate=float(dropout_rate),
         precision=precision,
-        num_q=nq, num_k=nk, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S, batch=B,
+        num_q=nq, num_k=nk, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S,
     )
-    qc = (_pad_axis(q, 1, tp).reshape(B, nq, q_chunk, K, G, H).transpose(1, 0, 3, 4, 2, 5)
-          .reshape(nq, B * K, G * q_chunk, H))
-    kc = (_pad_axis(k, 1, sp).reshape(B, nk, k_chunk, K, H).transpose(1, 0, 3, 2, 4)
-          .reshape(nk, B * K, k_chunk, H))
-    vc = (_pad_axis(v, 1, sp).reshape(B, nk, k_chunk, K, Hv).transpose(1, 0, 3, 2, 4)
-          .reshape(nk, B * K, k_chunk, Hv))
+    qc = _pad_axis(q, 1, tp).reshape(B, nq, q_chunk, K, G, H).transpose(1, 0, 3, 4, 2, 5)
+    kc = _pad_axis(k, 1, sp).reshape(B, nk, k_chunk, K, H).transpose(1, 0, 3, 2, 4)
+    vc = _pad_axis(v, 1, sp).reshape(B, nk, k_chunk, K, Hv).transpose(1, 0, 3, 2, 4)
     if bias5 is not None:
         if bias5.shape[3] != 1:
             bias5 = _pad_axis(bias5, 3, tp)
@@ -355,9 +373,8 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
             bias5 = _pad_axis(bias5, 4, sp)
     info = _pad_info(info, tp, sp)
     out, lse = _core(qc, kc, vc, bias5, info, seed, st)
-    out = out.reshape(nq, B, K, G, q_chunk, Hv).transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)
-    lse = lse.reshape(nq, B, K, G, q_chunk).transpose(1, 0, 4, 2, 3).reshape(B, tp, N)
-    out, lse = out[:, :T], lse[:, :T]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :T]
+    lse = lse.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :T]
     return out, lse
 
 
