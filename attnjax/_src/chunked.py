@@ -5,9 +5,14 @@ processed independently, with a ``jax.custom_vjp`` whose residuals are only the 
 and the log-sum-exp; the backward pass recomputes each score block (FlashAttention-2 style).
 Temporary memory is O(T·H + B·N·chunk²), forward and backward.
 
-Layout. Inputs are transposed once to a chunk-major layout, queries ``(nq, B, K, G, cq, H)`` and
-keys/values ``(nk, B, K, ck, H)``, so that every matmul is a plain batched matmul over (B, K) with
-no copy of K/V per query head (GQA). Masks are built per block from positions by
+Layout. Inputs are transposed once to a chunk-major layout of rank-3 blocks, queries
+``(nq, B·K, G·cq, H)`` and keys/values ``(nk, B·K, ck, H)``, so that every matmul is a plain
+batched matmul over B·K with no copy of K/V per query head (GQA). Score blocks are
+``(B·K, G·cq, ck)`` with no size-1 dims (5-d blocks with B = 1 or G = 1 made XLA:CPU's layout
+assignment copy every score block once more); masks, bias and dropout view them as 5-d
+``(B, K, G, cq, ck)`` through free reshapes. (:func:`_forward` and :func:`_backward` take and
+return the 5-d/6-d chunk-major layouts, which ring attention shares, and reshape them to rank 3
+for free.) Masks are built per block from positions by
 :class:`~attnjax._src.masks.MaskInfo`; key blocks a causal/window/length mask hides entirely are
 never computed, and blocks it shows entirely skip the masking work.
 
@@ -15,7 +20,10 @@ Backward. Key blocks are the outer loop (dK, dV accumulate in registers), query 
 loop. Scores are recomputed transposed, ``sᵀ = K·Qᵀ``, so that every product is of the form
 ``A·B`` or ``A·Bᵀ`` and none needs a transposed left operand (those fall off XLA:CPU's fast
 matmul path): ``dV += Pᵀ·dO``, ``dK += dSᵀ·Q``, and ``dQᵀ += Kᵀ·dSᵀ`` (``Kᵀ`` of one block
-transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end).
+transposed once per outer step; ``dQ`` is kept transposed and fixed up at the end). The
+``A·Bᵀ`` products take the row-major ``B`` block as it is (only its dynamic slice is copied);
+transposing ``Q``/``dO``/``K`` once up front was measured no faster and costs O(T·H) more
+temporary memory.
 """
 
 from __future__ import annotations
@@ -58,10 +66,10 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, pads, constant_values=value)
 
 
-def _dot(a, b, contract_a, contract_b, precision):
-    """Batched matmul over the leading (B, K) dims, float32 result."""
+def _mm(a, b, contract_a: int, contract_b: int, precision):
+    """Batched matmul over the leading (B·K) dim of two rank-3 blocks, float32 result."""
     return lax.dot_general(
-        a, b, ((contract_a, contract_b), ((0, 1), (0, 1))),
+        a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
         precision=precision, preferred_element_type=_F32,
     )
 
@@ -122,13 +130,22 @@ def _needs_mask(info: MaskInfo, st: _Static) -> bool:
 
 
 def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
-    """Chunked forward. Returns ``out (nq, B, K, G, cq, Hv)`` and ``lse (nq, B, K, G, cq)`` (f32)."""
-    nq, B, K, G, cq, _ = qc.shape
+    """Chunked forward on ``qc (nq, B, K, G, cq, H)``, ``kc/vc (nk, B, K, ck, H|Hv)``.
+
+    Returns ``out (nq, B, K, G, cq, Hv)`` (q's dtype) and ``lse (nq, B, K, G, cq)`` (f32).
+    """
+    nq, B, K, G, cq, H = qc.shape
     nk, ck = st.num_k, st.k_chunk
     Hv = vc.shape[-1]
+    BK, R = B * K, G * cq
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
     vma = _vma(qc, kc, vc, bias5, info, seed)
+    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
+    qc = qc.reshape(nq, BK, R, H)
+    kc = kc.reshape(nk, BK, ck, H)
+    vc = vc.reshape(nk, BK, ck, Hv)
 
     def q_step(xs):
         i, qb = xs
@@ -140,10 +157,13 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
                 kb = lax.dynamic_index_in_dim(kc, j, keepdims=False)
                 vb = lax.dynamic_index_in_dim(vc, j, keepdims=False)
                 k_start = j * ck
-                s = _dot(qb, kb, (4,), (3,), st.precision)  # (B, K, G, cq, ck)
-                bias_blk = None if bias5 is None else slice_block(bias5, q_start, cq, k_start, ck, QK)
+                s = _mm(qb, kb, 2, 2, st.precision)  # (BK, G·cq, ck)
                 vis = info.visible(q_start, cq, k_start, ck, QK, padded_kv) if masked else None
-                s, _ = _logits(s, st, bias_blk, vis)
+                if custom or vis is not None:
+                    bias_blk = (None if bias5 is None
+                                else slice_block(bias5, q_start, cq, k_start, ck, QK))
+                    s5, _ = _logits(s.reshape(B, K, G, cq, ck), st, bias_blk, vis)
+                    s = s5.reshape(BK, R, ck)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp(s - m_use[..., None])
@@ -151,18 +171,18 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
                 l = l * alpha + jnp.sum(p, axis=-1)
                 if st.dropout_rate > 0.0:
                     keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
-                                                 st.dropout_rate, QK)
+                                                 st.dropout_rate, QK).reshape(BK, R, ck)
                     p = jnp.where(keep, p * _F32(1.0 / (1.0 - st.dropout_rate)), 0.0)
-                pv = _dot(p.astype(vc.dtype), vb, (4,), (2,), st.precision)  # (B, K, G, cq, Hv)
+                pv = _mm(p.astype(vc.dtype), vb, 2, 1, st.precision)  # (BK, G·cq, Hv)
                 acc = acc * alpha[..., None] + pv
                 return m_new, l, acc
 
             return body
 
         carry = tuple(_varying(x, vma) for x in (
-            jnp.full((B, K, G, cq), -jnp.inf, _F32),
-            jnp.zeros((B, K, G, cq), _F32),
-            jnp.zeros((B, K, G, cq, Hv), _F32),
+            jnp.full((BK, R), -jnp.inf, _F32),
+            jnp.zeros((BK, R), _F32),
+            jnp.zeros((BK, R, Hv), _F32),
         ))
         if needs_mask:
             ranges = info.key_block_ranges(q_start, cq, ck, nk)
@@ -175,31 +195,45 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
         lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
         return out.astype(qc.dtype), lse
 
-    return lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc))
+    out, lse = lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc))
+    return out.reshape(nq, B, K, G, cq, Hv), lse.reshape(nq, B, K, G, cq)
 
 
 def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static):
-    """Chunked backward (key blocks outer). Returns ``dqc, dkc, dvc, dbias5``."""
+    """Chunked backward (key blocks outer), same layouts as :func:`_forward`.
+
+    Returns ``dqc, dkc, dvc, dbias5`` in the layouts (and dtypes) of ``qc, kc, vc, bias5``.
+    """
     nq, B, K, G, cq, H = qc.shape
     nk, ck = st.num_k, st.k_chunk
     Hv = vc.shape[-1]
+    BK, R = B * K, G * cq
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
     dt = qc.dtype
+    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
+    qc = qc.reshape(nq, BK, R, H)
+    kc = kc.reshape(nk, BK, ck, H)
+    vc = vc.reshape(nk, BK, ck, Hv)
+    out = out.reshape(nq, BK, R, Hv)
+    dout = dout.reshape(nq, BK, R, Hv)
+    lse = lse.reshape(nq, BK, R)
+    dlse = dlse.reshape(nq, BK, R)
 
     # D_i = rowsum(dO_i * O_i) - dlse_i (the log-sum-exp's own cotangent folds in here).
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
     vma = _vma(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse)
-    dq_t0 = _varying(jnp.zeros((nq, B, K, H, G, cq), _F32), vma)
+    dq_t0 = _varying(jnp.zeros((nq, BK, H, R), _F32), vma)
     dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, _F32), vma)
 
     def k_step(carry, xs):
         dq_t, dbias = carry
         j, kb, vb = xs
         k_start = j * ck
-        k_t = jnp.swapaxes(kb, -1, -2)  # (B, K, H, ck): one small transpose per key block
+        k_t = jnp.swapaxes(kb, -1, -2)  # (BK, H, ck): one small transpose per key block
 
         def make_body(masked: bool):
             def body(i, c):
@@ -209,40 +243,47 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
                 lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
                 d_b = lax.dynamic_index_in_dim(delta, i, keepdims=False)
                 q_start = i * cq
-                s_t = _dot(kb, qb, (3,), (4,), st.precision)  # (B, K, ck, G, cq)
-                bias_blk = None if bias5 is None else slice_block(bias5, q_start, cq, k_start, ck, KQ)
+                s_t = _mm(kb, qb, 2, 2, st.precision)  # (BK, ck, G·cq)
                 vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
-                z, t = _logits(s_t, st, bias_blk, vis)
-                p_t = jnp.exp(z - lse_b[:, :, None])
+                t = None
+                if custom or vis is not None:
+                    bias_blk = (None if bias5 is None
+                                else slice_block(bias5, q_start, cq, k_start, ck, KQ))
+                    z5, t = _logits(s_t.reshape(B, K, ck, G, cq), st, bias_blk, vis)
+                    s_t = z5.reshape(BK, ck, R)
+                    if t is not None:
+                        t = t.reshape(BK, ck, R)
+                p_t = jnp.exp(s_t - lse_b[:, None, :])
                 if st.dropout_rate > 0.0:
                     keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
-                                                 st.dropout_rate, KQ)
+                                                 st.dropout_rate, KQ).reshape(BK, ck, R)
                     inv = _F32(1.0 / (1.0 - st.dropout_rate))
                     pd_t = jnp.where(keep, p_t * inv, 0.0)
                 else:
                     pd_t = p_t
-                dv = dv + _dot(pd_t.astype(vc.dtype), dob, (3, 4), (2, 3), st.precision)
-                dp_t = _dot(vb, dob, (3,), (4,), st.precision)  # (B, K, ck, G, cq)
+                dv = dv + _mm(pd_t.astype(vc.dtype), dob, 2, 1, st.precision)  # (BK, ck, Hv)
+                dp_t = _mm(vb, dob, 2, 2, st.precision)  # (BK, ck, G·cq)
                 if st.dropout_rate > 0.0:
                     dp_t = jnp.where(keep, dp_t * inv, 0.0)
-                ds_t = p_t * (dp_t - d_b[:, :, None])
+                ds_t = p_t * (dp_t - d_b[:, None, :])
                 if dbias is not None:
-                    dbias = _add_dbias(dbias, ds_t, q_start, cq, k_start, ck)
+                    dbias = _add_dbias(dbias, ds_t.reshape(B, K, ck, G, cq), q_start, cq,
+                                       k_start, ck)
                 if t is not None:
                     ds_t = ds_t * (1.0 - t * t)
                 if st.scale != 1.0:
                     ds_t = ds_t * _F32(st.scale)
                 ds_c = ds_t.astype(dt)
-                dk = dk + _dot(ds_c, qb, (3, 4), (2, 3), st.precision)  # (B, K, ck, H)
-                dq_blk = _dot(k_t, ds_c, (3,), (2,), st.precision)  # (B, K, H, G, cq)
+                dk = dk + _mm(ds_c, qb, 2, 1, st.precision)  # (BK, ck, H)
+                dq_blk = _mm(k_t, ds_c, 2, 1, st.precision)  # (BK, H, G·cq)
                 prev = lax.dynamic_index_in_dim(dq_t, i, keepdims=False)
                 dq_t = lax.dynamic_update_index_in_dim(dq_t, prev + dq_blk, i, 0)
                 return dk, dv, dq_t, dbias
 
             return body
 
-        c = (_varying(jnp.zeros((B, K, ck, H), _F32), vma),
-             _varying(jnp.zeros((B, K, ck, Hv), _F32), vma), dq_t, dbias)
+        c = (_varying(jnp.zeros((BK, ck, H), _F32), vma),
+             _varying(jnp.zeros((BK, ck, Hv), _F32), vma), dq_t, dbias)
         if needs_mask:
             ranges = info.query_block_ranges(k_start, ck, cq, nq)
             c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)
@@ -254,10 +295,10 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     (dq_t, dbias), (dkc, dvc) = lax.scan(
         k_step, (dq_t0, dbias0), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
     )
-    dqc = jnp.transpose(dq_t, (0, 1, 2, 4, 5, 3)).astype(dt)
+    dqc = jnp.swapaxes(dq_t, -1, -2).astype(dt).reshape(nq, B, K, G, cq, H)
     if dbias is not None:
         dbias = dbias.astype(bias5.dtype)
-    return dqc, dkc, dvc, dbias
+    return dqc, dkc.reshape(nk, B, K, ck, H), dvc.reshape(nk, B, K, ck, Hv), dbias
 
 
 def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
