@@ -365,3 +365,23 @@ def test_traced_scale_as_in_jax_nn(impl):
         jax.grad(lambda s: jnp.sum(theirs(s) ** 2))(0.3),
         rtol=1e-4,
     )
+
+
+def test_default_chunks_shrink_with_batch_times_heads():
+    from attnjax._src.config import auto_chunk_size
+
+    # One float32 score block B·N·c² stays within 8 MiB: 512 up to B·N = 8, then smaller.
+    assert auto_chunk_size(1) == attnjax.ChunkSize(512, 512)
+    assert auto_chunk_size(8) == attnjax.ChunkSize(512, 512)
+    assert auto_chunk_size(16) == attnjax.ChunkSize(256, 256)
+    assert auto_chunk_size(64) == attnjax.ChunkSize(128, 128)
+    assert auto_chunk_size(10_000) == attnjax.ChunkSize(64, 64)
+    # ... and it shows in the compiled program's scratch memory.
+    spec = jax.ShapeDtypeStruct((16, 1024, 4, 16), jnp.float32)
+
+    def temp(chunk):
+        f = lambda q, k, v: attnjax.dot_product_attention(
+            q, k, v, implementation="xla_chunked", chunk_size=chunk)
+        return jax.jit(f).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(None) < temp(512) / 4

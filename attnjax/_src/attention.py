@@ -159,7 +159,9 @@ def dot_product_attention(
         ``"xla"`` while ``B·N·T·S <= 2**22`` (small problems, e.g. decoding one token), else
         ``"xla_chunked"``. A named implementation never falls back to another.
       chunk_size: for ``"xla_chunked"``: a :class:`ChunkSize`, an int (both sizes) or a
-        ``(query, key)`` pair; default ``ChunkSize()`` (512, 512). Any length works.
+        ``(query, key)`` pair. Any length works. ``None`` (default) picks square chunks of 512
+        when ``B·N <= 8`` and smaller powers of two (down to 64) for larger ``B·N``, so that one
+        float32 score block ``B·N·chunk²`` stays within 8 MiB (larger blocks spill the caches).
       precision: passed to the matmuls (``jax.lax.Precision`` or ``None``).
       return_residual: also return the log-sum-exp of the (masked, scaled) logits, shape
         ``(BTN|TN)``, in the input dtype as in ``jax.nn``. Unlike ``jax.nn``, it is
@@ -315,7 +317,7 @@ def dot_product_attention(
             raise TypeError(f"scale must be a float or None, got {scale!r}") from None
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    chunks = as_chunk_size(chunk_size)
+    chunks = as_chunk_size(chunk_size, B * N)
     if implementation is None:
         implementation = "xla" if B * N * T * S <= AUTO_MATERIALISE_MAX_SCORES else "xla_chunked"
 
