@@ -332,6 +332,38 @@ def _core_bwd(st, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def kernel_static(q, *, scale, logits_soft_cap, dropout_rate, precision, num_q, num_k,
+                  q_chunk, k_chunk, kv_len):
+    """The kernel's static settings, and ``q`` with the scale folded in where that is exact
+    enough (float32/64); in lower precision the scale is applied per block instead."""
+    fold = jnp.dtype(q.dtype).itemsize >= 4
+    if fold:
+        q = q * jnp.asarray(scale, q.dtype)
+    st = _Static(
+        scale=1.0 if fold else float(scale),
+        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        dropout_rate=float(dropout_rate),
+        precision=precision,
+        num_q=num_q, num_k=num_k, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=kv_len,
+    )
+    return q, st
+
+
+def q_to_chunks(x, num_chunks: int, chunk: int, num_kv_heads: int):
+    """``(B, T, N, H)`` -> ``(nq, B, K, G, cq, H)``, padded to whole chunks."""
+    B, _, N, H = x.shape
+    x = _pad_axis(x, 1, num_chunks * chunk)
+    x = x.reshape(B, num_chunks, chunk, num_kv_heads, N // num_kv_heads, H)
+    return x.transpose(1, 0, 3, 4, 2, 5)
+
+
+def kv_to_chunks(x, num_chunks: int, chunk: int):
+    """``(B, S, K, H)`` -> ``(nk, B, K, ck, H)``, padded to whole chunks."""
+    B, _, K, H = x.shape
+    x = _pad_axis(x, 1, num_chunks * chunk).reshape(B, num_chunks, chunk, K, H)
+    return x.transpose(1, 0, 3, 2, 4)
+
+
 def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_soft_cap,
                       dropout_rate: float, seed, precision, q_chunk: int, k_chunk: int):
     """Chunked attention on validated inputs.
@@ -347,25 +379,16 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    G = N // K
     Hv = v.shape[-1]
     nq, nk = -(-T // q_chunk), -(-S // k_chunk)
     tp, sp = nq * q_chunk, nk * k_chunk
 
-    # Fold the scale into q where that is exact enough (float32/64); else apply it per block.
-    fold = jnp.dtype(q.dtype).itemsize >= 4
-    if fold:
-        q = q * jnp.asarray(scale, q.dtype)
-    st = _Static(
-        scale=1.0 if fold else float(scale),
-        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        dropout_rate=float(dropout_rate),
-        precision=precision,
-        num_q=nq, num_k=nk, q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S,
-    )
-    qc = _pad_axis(q, 1, tp).reshape(B, nq, q_chunk, K, G, H).transpose(1, 0, 3, 4, 2, 5)
-    kc = _pad_axis(k, 1, sp).reshape(B, nk, k_chunk, K, H).transpose(1, 0, 3, 2, 4)
-    vc = _pad_axis(v, 1, sp).reshape(B, nk, k_chunk, K, Hv).transpose(1, 0, 3, 2, 4)
+    q, st = kernel_static(q, scale=scale, logits_soft_cap=logits_soft_cap,
+                          dropout_rate=dropout_rate, precision=precision, num_q=nq, num_k=nk,
+                          q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S)
+    qc = q_to_chunks(q, nq, q_chunk, K)
+    kc = kv_to_chunks(k, nk, k_chunk)
+    vc = kv_to_chunks(v, nk, k_chunk)
     if bias5 is not None:
         if bias5.shape[3] != 1:
             bias5 = _pad_axis(bias5, 3, tp)

@@ -9,6 +9,14 @@ import jax.numpy as jnp
 from attnjax._src.attention import dot_product_attention
 
 
+def first_not_none(*values):
+    """The first argument that is not ``None`` (call-time settings override the module's)."""
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
 def promote_qkv(query, key, value, dtype):
     """Cast q/k/v to ``dtype``, or to their common dtype when ``dtype`` is None (as Flax)."""
     query, key, value = (jnp.asarray(x) for x in (query, key, value))

@@ -8,14 +8,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attnjax._src.decode import KVCache, cached_attention
+from attnjax._src.flax_fn import first_not_none as _first
 from attnjax._src.flax_fn import flax_attention_fn
-
-
-def _first(*values):
-    for v in values:
-        if v is not None:
-            return v
-    return None
 
 
 class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):

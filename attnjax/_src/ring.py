@@ -65,7 +65,17 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnjax._src.attention import _normalise_window
-from attnjax._src.chunked import _backward, _forward, _pad_axis, _Static, _varying, _vma
+from attnjax._src.chunked import (
+    _backward,
+    _forward,
+    _pad_axis,
+    _Static,
+    _varying,
+    _vma,
+    kernel_static,
+    kv_to_chunks,
+    q_to_chunks,
+)
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo
 
@@ -495,7 +505,6 @@ def ring_attention(
             f"even; got T/P={T}, S/P={S} on axis {axis_name!r} with {n} devices (global lengths "
             f"must be multiples of 2P = {2 * n})"
         )
-    G = N // K
     Hv = v.shape[3]
     q_seg, k_seg = T // num_seg, S // num_seg
 
@@ -536,28 +545,19 @@ def ring_attention(
             aux["q_segment_ids" if name[0] == "q" else "kv_segment_ids"] = tuple(
                 _pad_axis(part.astype(jnp.int32), 1, pad) for part in jnp.split(x, num_seg, axis=1))
 
-    fold = jnp.dtype(q.dtype).itemsize >= 4
-    if fold:
-        q = q * jnp.asarray(scale, q.dtype)
-    kernel = _Static(
-        scale=1.0 if fold else float(scale),
-        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        dropout_rate=0.0, precision=precision,
-        num_q=nq, num_k=nk, q_chunk=cq, k_chunk=ck, kv_len=k_seg,
-    )
+    q, kernel = kernel_static(q, scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=0.0,
+                              precision=precision, num_q=nq, num_k=nk, q_chunk=cq, k_chunk=ck,
+                              kv_len=k_seg)
     rs = _RingStatic(axis_name=axis_name, num_devices=n, num_seg=num_seg, q_seg=q_seg, k_seg=k_seg,
                      is_causal=bool(is_causal), window=window, kernel=kernel)
 
-    # (B, L, heads, dim) -> (nseg, nchunks, B, K, [G,] chunk, dim), each segment padded on its own.
     # (B, L, heads, dim) -> one array per position segment, (nchunks, B, K, [G,] chunk, dim),
     # each segment padded to whole chunks on its own.
     def q_layout(x):
-        x = _pad_axis(x, 1, tp).reshape(B, nq, cq, K, G, H)
-        return x.transpose(1, 0, 3, 4, 2, 5)
+        return q_to_chunks(x, nq, cq, K)
 
     def kv_layout(x):
-        x = _pad_axis(x, 1, sp).reshape(B, nk, ck, K, x.shape[-1])
-        return x.transpose(1, 0, 3, 2, 4)
+        return kv_to_chunks(x, nk, ck)
 
     def segments(x, fn):
         # split (not slicing): its transpose is one concatenate, not a zero-padded sum.
