@@ -332,6 +332,23 @@ def _core_bwd(st, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def merge_partials(o1, lse1, o2, lse2):
+    """Exact merge of two normalised partial attentions over disjoint key sets.
+
+    ``o (..., Hv)`` with log-sum-exps ``lse (...)``; ``-inf`` means "saw no key". Returns the
+    merged ``(out, lse)``; rows that saw no key in either part stay zero with ``lse = -inf``.
+    Used by split-K decoding and by ring attention.
+    """
+    m = jnp.maximum(lse1, lse2)
+    m_use = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1, w2 = jnp.exp(lse1 - m_use), jnp.exp(lse2 - m_use)
+    s = w1 + w2
+    safe = jnp.where(s > 0, s, 1.0)
+    lse = jnp.where(s > 0, m_use + jnp.log(safe), -jnp.inf)
+    inv = jnp.where(s > 0, 1.0 / safe, 0.0)
+    return o1 * (w1 * inv)[..., None] + o2 * (w2 * inv)[..., None], lse
+
+
 def kernel_static(q, *, scale, logits_soft_cap, dropout_rate, precision, num_q, num_k,
                   q_chunk, k_chunk, kv_len):
     """The kernel's static settings, and ``q`` with the scale folded in where that is exact

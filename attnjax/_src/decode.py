@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from attnjax._src.attention import _normalise_window, dot_product_attention
+from attnjax._src.chunked import merge_partials
 from attnjax._src.config import ChunkSize, as_chunk_size
 
 _F32 = jnp.float32
@@ -201,19 +202,6 @@ def _finish(carry):
     out = acc / safe[..., None]
     lse = jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
     return jnp.transpose(out, (0, 3, 1, 2, 4)), jnp.transpose(lse, (0, 3, 1, 2))
-
-
-def _combine(o_a, lse_a, o_b, lse_b):
-    """Exact softmax merge of two partial attentions over disjoint key sets."""
-    m = jnp.maximum(lse_a, lse_b)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    wa = jnp.exp(lse_a - m)
-    wb = jnp.exp(lse_b - m)
-    den = wa + wb
-    safe = jnp.where(den > 0, den, 1.0)
-    out = (o_a * wa[..., None] + o_b * wb[..., None]) / safe[..., None]
-    lse = jnp.where(den > 0, m + jnp.log(safe), -jnp.inf)
-    return out, lse
 
 
 def cached_attention(
@@ -401,7 +389,7 @@ def cached_attention(
     )
 
     # 5. Exact merge by log-sum-exp.
-    out, _ = _combine(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
+    out, _ = merge_partials(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
     row_ok = t < n[:, None]  # (B, T)
     out = jnp.where(row_ok[..., None, None], out, 0.0)
     if overflow is not None:

@@ -17,6 +17,17 @@ def first_not_none(*values):
     return None
 
 
+def default_kv_inputs(inputs_q, inputs_k, inputs_v):
+    """Self-attention defaults of the stock Flax modules: k = q and v = k when not given."""
+    if inputs_k is None:
+        if inputs_v is not None:
+            raise ValueError("inputs_k cannot be None if inputs_v is not None")
+        inputs_k = inputs_q
+    if inputs_v is None:
+        inputs_v = inputs_k
+    return inputs_k, inputs_v
+
+
 def promote_qkv(query, key, value, dtype):
     """Cast q/k/v to ``dtype``, or to their common dtype when ``dtype`` is None (as Flax)."""
     query, key, value = (jnp.asarray(x) for x in (query, key, value))

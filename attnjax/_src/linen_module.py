@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attnjax._src.decode import KVCache, cached_attention
+from attnjax._src.flax_fn import default_kv_inputs, flax_attention_fn
 from attnjax._src.flax_fn import first_not_none as _first
-from attnjax._src.flax_fn import flax_attention_fn
 
 
 class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
@@ -92,12 +92,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
             if inputs_k is not None or inputs_v is not None:
                 raise ValueError("give either inputs_kv or inputs_k/inputs_v, not both")
             inputs_k = inputs_v = inputs_kv
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_k cannot be None if inputs_v is not None")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
+        inputs_k, inputs_v = default_kv_inputs(inputs_q, inputs_k, inputs_v)
         if inputs_k.shape[-1] != inputs_v.shape[-1]:
             raise ValueError(
                 f"inputs_k and inputs_v must have the same number of features, got shapes "

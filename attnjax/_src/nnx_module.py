@@ -7,8 +7,8 @@ from flax import nnx
 from flax.nnx.nn import attention as _stock
 
 from attnjax._src.decode import KVCache, cached_attention
+from attnjax._src.flax_fn import default_kv_inputs, flax_attention_fn
 from attnjax._src.flax_fn import first_not_none as _first
-from attnjax._src.flax_fn import flax_attention_fn
 
 
 class MultiHeadAttention(_stock.MultiHeadAttention):
@@ -147,12 +147,7 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
             rngs = self.rngs
         elif isinstance(rngs, nnx.Rngs):
             rngs = rngs.dropout
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_k cannot be None if inputs_v is not None")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
+        inputs_k, inputs_v = default_kv_inputs(inputs_q, inputs_k, inputs_v)
         if inputs_q.shape[-1] != self.in_features:
             raise ValueError(
                 f"inputs_q has {inputs_q.shape[-1]} features (shape {inputs_q.shape}), "

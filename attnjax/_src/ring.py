@@ -74,6 +74,7 @@ from attnjax._src.chunked import (
     _vma,
     kernel_static,
     kv_to_chunks,
+    merge_partials,
     q_to_chunks,
 )
 from attnjax._src.config import ChunkSize, as_chunk_size
@@ -245,18 +246,6 @@ def _varying_like(x, *refs):
     return _varying(x, _vma(*refs))
 
 
-def _combine(o1, l1, o2, l2):
-    """Merge two normalised partial results by their log-sum-exps (``-inf`` = nothing seen)."""
-    m = jnp.maximum(l1, l2)
-    m_use = jnp.where(jnp.isfinite(m), m, 0.0)
-    w1, w2 = jnp.exp(l1 - m_use), jnp.exp(l2 - m_use)
-    s = w1 + w2
-    lse = jnp.where(s > 0, m_use + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
-    inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    out = (o1 * (w1 * inv)[..., None]) + (o2 * (w2 * inv)[..., None])
-    return out, lse
-
-
 # ------------------------------------------------------------------------------------------------
 # The ring, forward and backward.
 
@@ -286,7 +275,7 @@ def _fwd_step(rs: _RingStatic, qs, kv, aux, me, src, acc):
         # through untouched (no zero blocks, no extra live buffers).
         def compute(acc_q, ins=(qs[sq], ks[sk], vs[sk]), info=info):
             o, lse = _forward(*ins, None, info, None, rs.kernel)
-            return _combine(*acc_q, o.astype(_F32), lse)
+            return merge_partials(*acc_q, o.astype(_F32), lse)
 
         acc_q = _maybe(_any_visible(info), compute, (acc_o[sq], acc_l[sq]))
         acc_o = acc_o[:sq] + (acc_q[0],) + acc_o[sq + 1:]
