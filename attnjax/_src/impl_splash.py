@@ -91,6 +91,7 @@ class Splash(Implementation):
             (f.bias, "bias"), (f.mask, "a dense boolean mask"), (f.dropout, "dropout"),
             (f.offset == "array", "a per-row or traced query_offset (splash masks are static)"),
             (f.precision, "an explicit precision"),
+            (f.soft_cap_traced, "a traced logits_soft_cap (its soft cap is a static float)"),
         ):
             if flag:
                 return f"splash does not take {what}"

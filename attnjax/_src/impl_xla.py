@@ -13,6 +13,7 @@ _ALL = ("cpu", "cuda", "rocm", "tpu")
 class XLA(Implementation):
     name = "xla"
     platforms = _ALL
+    forward_mode = True
     serves = ("every argument; materialises the B·N·T·S scores (memory O(B·N·T·S)); "
               "implementation=None takes it only while B·N·T·S <= 2**22")
 

@@ -55,7 +55,7 @@ class CallFeatures:
       static_offset: the int offset when ``offset`` is ``"none"`` (0) or ``"static"``.
       q_lengths, kv_lengths, segments, mask, bias: which of these arguments were given.
       bias_shape: the 4-d (broadcastable) bias shape, or ``None``.
-      soft_cap: ``logits_soft_cap`` given.
+      soft_cap: ``logits_soft_cap`` given; soft_cap_traced: given as a (traced) array.
       dropout: ``dropout_rate > 0``.
       return_residual: the log-sum-exp is returned (and may be differentiated).
       precision: an explicit matmul ``precision`` was given.
@@ -82,6 +82,7 @@ class CallFeatures:
     bias: bool = False
     bias_shape: tuple[int, ...] | None = None
     soft_cap: bool = False
+    soft_cap_traced: bool = False
     dropout: bool = False
     return_residual: bool = False
     precision: bool = False
@@ -138,12 +139,14 @@ class Implementation:
       platforms: where it runs (``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``).
       dtypes: input dtypes it serves.
       serves: one line for the README/explain table: what it serves and what not.
+      forward_mode: whether ``jax.jvp`` works through it (False for custom-VJP kernels).
     """
 
     name: str = ""
     platforms: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
     serves: str = ""
+    forward_mode: bool = False
 
     def platform_reason(self, f: CallFeatures) -> str | None:
         if f.platform not in self.platforms:
