@@ -387,6 +387,7 @@ def dot_product_attention(
     capture = getattr(_explain_state, "capture", None)
     if capture is not None:
         capture.append(features)
+        raise _Captured  # explain_dispatch: stop before any implementation is traced
     impl = registry.select(features, implementation)
     call = registry.Call(
         query=query, key=key, value=value, bias=bias, mask=mask, q_lengths=q_lens,
@@ -409,6 +410,10 @@ def dot_product_attention(
 _explain_state = threading.local()
 
 
+class _Captured(Exception):
+    pass
+
+
 def explain_dispatch(query, key, value, bias=None, mask=None, **kwargs) -> registry.DispatchReport:
     """Which implementation :func:`dot_product_attention` would use for this call, and why.
 
@@ -428,16 +433,14 @@ def explain_dispatch(query, key, value, bias=None, mask=None, **kwargs) -> regis
     captured: list = []
     _explain_state.capture = captured
 
-    def trace():
+    def trace(query, key, value, bias, mask):
         try:
-            return dot_product_attention(query, key, value, bias, mask, **kwargs)
-        except ValueError:
-            if captured and implementation is not None:
-                return None  # the named implementation cannot serve the call: reported below
-            raise
+            dot_product_attention(query, key, value, bias, mask, **kwargs)
+        except _Captured:
+            pass
 
     try:
-        jax.eval_shape(trace)
+        jax.eval_shape(trace, query, key, value, bias, mask)
     finally:
         _explain_state.capture = None
     return registry.explain(captured[0], implementation)

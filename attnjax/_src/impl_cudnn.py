@@ -40,6 +40,14 @@ import jax.numpy as jnp
 
 from attnjax._src.registry import Call, CallFeatures, Implementation
 
+
+def _jax_nn_cudnn(query, key, value, **kwargs):
+    return jax.nn.dot_product_attention(query, key, value, implementation="cudnn", **kwargs)
+
+
+# What this path calls with the translated arguments; the tests swap in jax.nn's XLA path to run
+# exactly those arguments on CPU (the cuDNN kernel needs an NVIDIA GPU).
+JAX_NN_CALL = _jax_nn_cudnn
 MAX_HEAD_DIM = 256  # Hopper and later; 128 before (checked by cuDNN/jax at trace time on GPU)
 
 
@@ -60,8 +68,7 @@ class CuDNN(Implementation):
 
     def __call__(self, call: Call):
         kwargs = translate(call)
-        out = jax.nn.dot_product_attention(
-            call.query, call.key, call.value, implementation="cudnn", **kwargs)
+        out = JAX_NN_CALL(call.query, call.key, call.value, **kwargs)
         return finish(call, out)
 
 
@@ -80,7 +87,7 @@ def translation_reason(f: CallFeatures) -> str | None:
         (f.offset == "static" and f.static_offset != 0 and (f.is_causal or f.window is not None),
          f"query_offset={f.static_offset} (cuDNN's causal/window is top-left: offset 0 only)"),
         (f.window is not None and f.window[1] != 0 and not f.is_causal,
-         f"a right window ({f.window[1]}) without is_causal"),
+         f"a right window ({f.window and f.window[1]}) without is_causal"),
         (f.bias and (f.q_len % 2 or f.kv_len % 2),
          f"a bias with odd T={f.q_len} or S={f.kv_len} (cuDNN's backward needs even lengths)"),
     )
