@@ -16,8 +16,9 @@ What the installed jax (0.10.2, ``jax/_src/nn/functions.py`` and
   or with ``is_causal`` (where the right side is hidden anyway);
 * ``query_seq_lengths`` / ``key_value_seq_lengths`` become cuDNN's padding mask (``jax.nn`` fills
   the missing one with the full length);
-* ``bias`` and a boolean ``mask`` are passed through (``jax.nn`` folds the mask into the bias as a
-  large negative number); with a bias, training needs even T and S
+* ``bias`` (cast to the input dtype) and a boolean ``mask`` are passed through, broadcast to full
+  T and S dims as cuDNN requires (``jax.nn`` folds the mask into the bias as a large negative
+  number; B and N dims may stay broadcast); with a bias, training needs even T and S
   (``check_is_flash_attention``), so odd T or S with a bias is not eligible;
 * not served: segment ids, soft cap, dropout, ``Hv != H``, an explicit ``precision``, and
   ``return_residual`` (cuDNN's log-sum-exp has no gradient: its VJP drops that cotangent).
@@ -106,9 +107,20 @@ def translate(call: Call) -> dict:
         left, right = f.window
         # right == 0, or causal (which hides the right side): jax.nn passes left + 1 to cuDNN.
         window = (left, 0)
+    T, S = call.query.shape[1], call.key.shape[1]
+
+    def full_ts(x, dtype=None):
+        # cuDNN takes the bias (the mask is folded into it) with full T and S dims
+        # (check_layout), in the input dtype; B and N may stay broadcast.
+        if x is None:
+            return None
+        if dtype is not None:
+            x = x.astype(dtype)
+        return jnp.broadcast_to(x, (*x.shape[:2], T, S))
+
     return dict(
-        bias=call.bias,
-        mask=call.mask,
+        bias=full_ts(call.bias, call.query.dtype),
+        mask=full_ts(call.mask),
         scale=call.scale,
         is_causal=f.is_causal,
         query_seq_lengths=call.q_lengths,
