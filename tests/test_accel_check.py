@@ -12,7 +12,7 @@ from attnjax._src import accel_check
 
 def test_accel_check_cpu_quick(tmp_path):
     out = tmp_path / "check.json"
-    rc = accel_check.main(["--no-timing", "--masks", "causal_bottom_right", "empty_rows",
+    rc = accel_check.main(["--no-timing", "--masks", "empty_rows",
                            "--dtypes", "float32", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -20,7 +20,7 @@ def test_accel_check_cpu_quick(tmp_path):
     rows = result["correctness"]
     by_impl = {(r["implementation"], r["mask"]): r["status"] for r in rows}
     assert by_impl[("xla_chunked", "empty_rows")] == "ok"
-    assert by_impl[("xla", "causal_bottom_right")] == "ok"
+    assert by_impl[("xla", "empty_rows")] == "ok"
     assert {r["implementation"] for r in rows} == {"xla", "xla_chunked"}  # CPU implementations
 
 
@@ -39,7 +39,7 @@ def test_accel_check_fails_on_mismatch(tmp_path, monkeypatch):
 
 def test_timing_rows_side_by_side_with_jax_nn():
     rows = accel_check.timing([64], B=1, N=2, H=16, dtype=jnp.float32, impls=["xla_chunked"],
-                              reps=1, jax_nn_paths=["xla"])
+                              reps=1, jax_nn_paths=["xla"], causals=(True,))
     names = {r["name"] for r in rows}
     assert "attnjax:xla_chunked" in names and "jax.nn:xla" in names
     assert any(n.startswith("attnjax:auto(") for n in names)

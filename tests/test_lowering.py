@@ -51,6 +51,12 @@ def test_xla_chunked_lowers(platform):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_xla_lowers(platform):
+    _, fwd_and_grad = _fns("xla")
+    assert "stablehlo.dot_general" in _export(fwd_and_grad, platform, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_auto_dispatch_lowers(platform):
     """implementation=None under target_platform picks that platform's first eligible kernel."""
     fwd, _ = _fns(None)

@@ -28,8 +28,8 @@ BASE = dict(B=2, T=200, S=256, N=4, K=2, H=64)
 CASES = [
     ta.Case("causal_offset_gqa_kv_lengths_empty", **BASE, is_causal=True, query_offset=40,
             kv_lengths=True, empty_rows=True),
-    ta.Case("window_segments_q_lengths", **{**BASE, "S": 200}, window=(30, 10), segments=True,
-            q_lengths=True),
+    ta.Case("window_segments_q_lengths", **{**BASE, "S": 200, "B": 1}, window=(30, 10),
+            segments=True, q_lengths=True),
     ta.Case("softcap_mqa_scale", **{**BASE, "T": 128, "K": 1}, softcap=2.0, scale=0.37),
     ta.Case("window_causal_negative_offset", **{**BASE, "T": 256, "S": 128}, window=(50, 5),
             is_causal=True, query_offset=-20),

@@ -252,12 +252,12 @@ def _time(fn, args, reps: int) -> float:
     return float(np.median(times))
 
 
-def timing(sizes, B, N, H, dtype, impls, reps, jax_nn_paths) -> list[dict]:
+def timing(sizes, B, N, H, dtype, impls, reps, jax_nn_paths, causals=(False, True)) -> list[dict]:
     rows = []
     rng = np.random.default_rng(1)
     for T in sizes:
         q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(3))
-        for causal in (False, True):
+        for causal in causals:
             flops_fwd = 4.0 * B * N * T * T * H * (0.5 if causal else 1.0)
             candidates = [(f"attnjax:{n}", dict(implementation=n)) for n in impls]
             candidates.append(("attnjax:auto", dict(implementation=None)))

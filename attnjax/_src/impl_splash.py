@@ -117,16 +117,19 @@ class Splash(Implementation):
         vh = jnp.transpose(pad(v, Sp, 1), (0, 2, 1, 3))  # (B, K, Sp, Hv)
         qs, ks = _segments(call, T, S, Tp, Sp)
         key = (Tp, Sp, f.is_causal, f.window, f.static_offset, _soft_cap(call.logits_soft_cap))
-        if qs is None:
+        per_row = f.segments or f.q_lengths or f.kv_lengths
+        if not per_row or B == 1:
             # One kernel for the whole batch: batch rows become heads (head b·N + n reads kv head
-            # (b·N + n) // G = b·K + n // G, so GQA stays exact).
-            core = _core(B * N, B * K, *key, False)
+            # (b·N + n) // G = b·K + n // G, so GQA stays exact); the segment ids (padding only,
+            # or a single row's) are the same for every row.
+            core = _core(B * N, B * K, *key, qs is not None)
             fold = lambda x: x.reshape(-1, *x.shape[2:])
-            out, lse = core(fold(qh), _kv(fold(kh), B * K), _kv(fold(vh), B * K))
+            seg = () if qs is None else (qs[0], ks[0])
+            out, lse = core(fold(qh), _kv(fold(kh), B * K), _kv(fold(vh), B * K), *seg)
             out, lse = out.reshape(B, N, Tp, Hv), lse.reshape(B, N, Tp)
         else:
-            # Segment ids are per sequence: one kernel call per batch row (lax.map; vmap of the
-            # kernel fails in TPU interpret mode, whose grid semantics miss the batch dim).
+            # Per-row segment ids: one kernel call per batch row (lax.map; vmap of the kernel
+            # fails in TPU interpret mode, whose grid semantics miss the batch dim).
             core = _core(N, K, *key, True)
             out, lse = jax.lax.map(
                 lambda xs: core(xs[0], _kv(xs[1], K), _kv(xs[2], K), xs[3], xs[4]),
