@@ -180,7 +180,8 @@ def target_platform(platform: str):
 
     For ahead-of-time lowering on another host, e.g. ``jax.export.export(jax.jit(f),
     platforms=("tpu",))`` on a CPU-only machine: tracing happens on the host, so without this the
-    host's platform decides the dispatch.
+    host's platform decides the dispatch. Like every dispatch decision it applies when a function
+    is traced: a ``jax.jit`` function already traced (and cached) outside it is not re-dispatched.
     """
     if platform not in AUTO_ORDER:
         raise ValueError(f"platform must be one of {tuple(AUTO_ORDER)}, got {platform!r}")
