@@ -37,7 +37,7 @@ class SweepConfig:
     budget_bytes: int | None = None
     ceiling_n: int = 2048
     ceiling_repeats: int = 3
-    ceiling_reuse_s: float = 2.0
+    ceiling_reuse_s: float = 10.0
     seed: int = 0
 
 
