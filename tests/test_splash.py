@@ -4,13 +4,12 @@ Every mask kind splash claims (causal, window, static query_offset, lengths, seg
 cap, GQA/MQA), T != S, lengths that are not multiples of its 128 block, fully masked rows, float32
 and bfloat16, forward and backward (and the gradient through the returned log-sum-exp).
 Interpreted kernels compile slowly (~10 s per configuration): the default set is small; the
-wider grid is marked slow.
+wider grid runs with ``pytest --full-grid``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +43,8 @@ DEFAULT = {
 }
 
 
-# The wide grid (~10 s per case) runs with ATTNJAX_SPLASH_FULL=1.
-FULL = pytest.mark.skipif(not os.environ.get("ATTNJAX_SPLASH_FULL"),
-                          reason="wide splash grid: set ATTNJAX_SPLASH_FULL=1")
+# The wide grid (~10-20 s per case in interpret mode) runs with `pytest --full-grid`.
+FULL = pytest.mark.full_grid
 
 
 def _params():
