@@ -58,6 +58,42 @@ def _as_4d(name: str, x, full: tuple[int, int, int, int]):
     return x4
 
 
+def _check_soft_cap(logits_soft_cap):
+    """A positive finite Python float, ``None``, or a traced float scalar (kept as an array)."""
+    if logits_soft_cap is None:
+        return None
+    if isinstance(logits_soft_cap, bool) or not isinstance(
+        logits_soft_cap, int | float | np.ndarray | np.floating | np.integer | jax.Array
+    ):
+        raise TypeError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
+    if isinstance(logits_soft_cap, np.ndarray | jax.Array):
+        dtype = logits_soft_cap.dtype
+        if logits_soft_cap.ndim != 0 or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                "logits_soft_cap must be a positive float or a float scalar array, got an array "
+                f"of shape {tuple(logits_soft_cap.shape)} and dtype {dtype}"
+            )
+        if isinstance(logits_soft_cap, jax.core.Tracer):
+            return logits_soft_cap  # traced under jit: its value cannot be checked here
+    value = float(logits_soft_cap)
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"logits_soft_cap must be a positive finite float or None, got {value}")
+    return value
+
+
+def _reject_forward_mode(implementation: str, *arrays) -> None:
+    """Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) of a custom-VJP implementation would
+    fail deep inside JAX; say which implementation serves it instead."""
+    for x in arrays:
+        if x is not None and type(x).__name__ == "JVPTracer":
+            raise TypeError(
+                f"implementation={implementation!r} supports reverse-mode differentiation "
+                "(jax.grad, jax.vjp, jax.jacrev) but not forward mode (jax.jvp, jax.jacfwd): its "
+                "backward pass is a custom VJP. Use implementation='xla' for forward-mode "
+                "derivatives (it is differentiated by JAX itself)."
+            )
+
+
 def _normalise_window(local_window_size):
     if local_window_size is None:
         return None
@@ -129,6 +165,15 @@ def dot_product_attention(
     average of all values for such rows (except rows cut off by ``query_seq_lengths``, which it
     also zeroes).
 
+    **Numerics.** Logits, softmax statistics and accumulators are computed in the wider of
+    float32 and the input dtype: float32 for float16/bfloat16/float32 inputs, float64 for float64
+    inputs (under ``jax_enable_x64``). The output has the input dtype.
+
+    **Differentiation.** Every implementation supports reverse mode (``jax.grad``, ``jax.vjp``)
+    with respect to ``query``, ``key``, ``value``, ``bias`` and a traced ``logits_soft_cap``.
+    ``"xla_chunked"`` has a custom VJP, so forward mode (``jax.jvp``, ``jax.jacfwd``) raises a
+    ``TypeError`` that points to ``"xla"``.
+
     Args:
       query: ``(BTNH|TNH)`` floating array.
       key: ``(BSKH|SKH)``, same dtype as ``query``; ``N % K == 0`` (GQA/MQA without copying
@@ -144,11 +189,15 @@ def dot_product_attention(
       local_window_size: ``int`` or ``(left, right)`` window around ``i + query_offset``.
       query_segment_ids: int ``(BT|T)``; key_value_segment_ids: int ``(BS|S)``. Give both or
         neither: a query attends only to keys of the same segment (packed sequences).
+        No id is special (``0`` is a segment like any other): to hide padding, give it an id
+        of its own that no real token uses, or use the sequence lengths.
       query_offset: int or int ``(B)``: the position of query row 0 among the keys, used by the
         causal and window masks. ``0`` (default) is ``jax.nn``'s top-left alignment; ``S - T`` is
         the bottom-right alignment used for decoding and chunked prefill.
       logits_soft_cap: ``c > 0``: logits become ``c * tanh(logits / c)`` before bias and masks.
-        ``None`` turns it off.
+        ``None`` turns it off. A Python float, or a float scalar array that may be traced
+        (e.g. a model-config value under ``jit``); a traced value cannot be checked for
+        ``c > 0`` and is differentiable.
       dropout_rate: probability of dropping an attention weight (kept weights are scaled by
         ``1 / (1 - rate)``), in ``[0, 1)``.
       dropout_rng: a PRNG key, required when ``dropout_rate > 0``. The keep-mask is a function of
@@ -284,11 +333,7 @@ def dot_product_attention(
     if not isinstance(is_causal, bool | np.bool_):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
 
-    if logits_soft_cap is not None:
-        if not isinstance(logits_soft_cap, int | float) or isinstance(logits_soft_cap, bool):
-            raise TypeError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
-        if not logits_soft_cap > 0 or not math.isfinite(logits_soft_cap):
-            raise ValueError(f"logits_soft_cap must be a positive finite float or None, got {logits_soft_cap}")
+    logits_soft_cap = _check_soft_cap(logits_soft_cap)
 
     # ---- dropout ----
     if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, int | float):
@@ -333,6 +378,7 @@ def dot_product_attention(
     if implementation == "xla":
         out, lse = attention_xla(query, key, value, bias, info, **common)
     else:
+        _reject_forward_mode(implementation, query, key, value, bias, logits_soft_cap)
         cq, ck = chunks.resolve(T, S)
         out, lse = attention_chunked(query, key, value, bias5, info, q_chunk=cq, k_chunk=ck, **common)
     chex.assert_shape(out, (B, T, N, value.shape[3]))

@@ -38,8 +38,7 @@ from jax import lax
 
 from attnjax._src import dropout as dropout_lib
 from attnjax._src.masks import KQ, QK, MaskInfo, slice_block
-
-_F32 = jnp.float32
+from attnjax._src.numerics import compute_dtype, dot_general
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,28 +65,32 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, pads, constant_values=value)
 
 
-def _mm(a, b, contract_a: int, contract_b: int, precision):
-    """Batched matmul over the leading (B·K) dim of two rank-3 blocks, float32 result."""
-    return lax.dot_general(
-        a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
-        precision=precision, preferred_element_type=_F32,
-    )
+def _mm(a, b, contract_a: int, contract_b: int, precision, cdt):
+    """Batched matmul over the leading (B·K) dim of two rank-3 blocks, result in ``cdt``."""
+    return dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
+                       precision=precision, out_dtype=cdt)
 
 
-def _logits(s, st: _Static, bias_blk, vis):
-    """Scale, soft-cap, bias and mask one raw score block. Returns (logits, tanh or None)."""
+def _logits(s, st: _Static, bias_blk, vis, cap=None):
+    """Scale, soft-cap, bias and mask one raw score block (in its compute dtype).
+
+    ``cap`` is a traced soft cap (a scalar array), used instead of ``st.logits_soft_cap``.
+    Returns ``(logits, t, u)``: ``t = tanh(u)`` and ``u`` = the scaled score over the cap, or
+    ``None, None`` without a soft cap."""
+    cdt = s.dtype
     if st.scale != 1.0:
-        s = s * _F32(st.scale)
-    t = None
-    if st.logits_soft_cap is not None:
-        c = _F32(st.logits_soft_cap)
-        t = jnp.tanh(s / c)
+        s = s * jnp.asarray(st.scale, cdt)
+    t = u = None
+    if cap is not None or st.logits_soft_cap is not None:
+        c = jnp.asarray(st.logits_soft_cap if cap is None else cap, cdt)
+        u = s / c
+        t = jnp.tanh(u)
         s = c * t
     if bias_blk is not None:
-        s = s + bias_blk.astype(_F32)
+        s = s + bias_blk.astype(cdt)
     if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
-    return s, t
+    return s, t, u
 
 
 def _three_loops(ranges, masked_body, plain_body, carry, always_masked: bool):
@@ -129,8 +132,10 @@ def _needs_mask(info: MaskInfo, st: _Static) -> bool:
     return not info.is_trivial(st.num_k * st.k_chunk)
 
 
-def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
+def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None):
     """Chunked forward on ``qc (nq, B, K, G, cq, H)``, ``kc/vc (nk, B, K, ck, H|Hv)``.
+
+    ``cap``: a traced soft cap (scalar array), or ``None`` (``st.logits_soft_cap`` applies).
 
     Returns ``out (nq, B, K, G, cq, Hv)`` (q's dtype) and ``lse (nq, B, K, G, cq)`` (f32).
     """
@@ -140,8 +145,10 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
     BK, R = B * K, G * cq
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
+    cdt = compute_dtype(qc.dtype)
     vma = _vma(qc, kc, vc, bias5, info, seed)
-    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    custom = (st.scale != 1.0 or st.logits_soft_cap is not None or cap is not None
+              or bias5 is not None)
     # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
     qc = qc.reshape(nq, BK, R, H)
     kc = kc.reshape(nk, BK, ck, H)
@@ -157,12 +164,12 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
                 kb = lax.dynamic_index_in_dim(kc, j, keepdims=False)
                 vb = lax.dynamic_index_in_dim(vc, j, keepdims=False)
                 k_start = j * ck
-                s = _mm(qb, kb, 2, 2, st.precision)  # (BK, G·cq, ck)
+                s = _mm(qb, kb, 2, 2, st.precision, cdt)  # (BK, G·cq, ck)
                 vis = info.visible(q_start, cq, k_start, ck, QK, padded_kv) if masked else None
                 if custom or vis is not None:
                     bias_blk = (None if bias5 is None
                                 else slice_block(bias5, q_start, cq, k_start, ck, QK))
-                    s5, _ = _logits(s.reshape(B, K, G, cq, ck), st, bias_blk, vis)
+                    s5, _, _ = _logits(s.reshape(B, K, G, cq, ck), st, bias_blk, vis, cap)
                     s = s5.reshape(BK, R, ck)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -172,17 +179,17 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
                 if st.dropout_rate > 0.0:
                     keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
                                                  st.dropout_rate, QK).reshape(BK, R, ck)
-                    p = jnp.where(keep, p * _F32(1.0 / (1.0 - st.dropout_rate)), 0.0)
-                pv = _mm(p.astype(vc.dtype), vb, 2, 1, st.precision)  # (BK, G·cq, Hv)
+                    p = jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - st.dropout_rate), cdt), 0.0)
+                pv = _mm(p.astype(vc.dtype), vb, 2, 1, st.precision, cdt)  # (BK, G·cq, Hv)
                 acc = acc * alpha[..., None] + pv
                 return m_new, l, acc
 
             return body
 
         carry = tuple(_varying(x, vma) for x in (
-            jnp.full((BK, R), -jnp.inf, _F32),
-            jnp.zeros((BK, R), _F32),
-            jnp.zeros((BK, R, Hv), _F32),
+            jnp.full((BK, R), -jnp.inf, cdt),
+            jnp.zeros((BK, R), cdt),
+            jnp.zeros((BK, R, Hv), cdt),
         ))
         if needs_mask:
             ranges = info.key_block_ranges(q_start, cq, ck, nk)
@@ -199,10 +206,12 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static):
     return out.reshape(nq, B, K, G, cq, Hv), lse.reshape(nq, B, K, G, cq)
 
 
-def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static):
+def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static,
+              cap=None):
     """Chunked backward (key blocks outer), same layouts as :func:`_forward`.
 
-    Returns ``dqc, dkc, dvc, dbias5`` in the layouts (and dtypes) of ``qc, kc, vc, bias5``.
+    Returns ``dqc, dkc, dvc, dbias5, dcap`` in the layouts (and dtypes) of
+    ``qc, kc, vc, bias5, cap`` (``dcap`` is ``None`` without a traced ``cap``).
     """
     nq, B, K, G, cq, H = qc.shape
     nk, ck = st.num_k, st.k_chunk
@@ -211,7 +220,9 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     padded_kv = nk * ck
     needs_mask = _needs_mask(info, st)
     dt = qc.dtype
-    custom = st.scale != 1.0 or st.logits_soft_cap is not None or bias5 is not None
+    cdt = compute_dtype(dt)
+    custom = (st.scale != 1.0 or st.logits_soft_cap is not None or cap is not None
+              or bias5 is not None)
     # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
     qc = qc.reshape(nq, BK, R, H)
     kc = kc.reshape(nk, BK, ck, H)
@@ -222,83 +233,89 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     dlse = dlse.reshape(nq, BK, R)
 
     # D_i = rowsum(dO_i * O_i) - dlse_i (the log-sum-exp's own cotangent folds in here).
-    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
+    delta = jnp.sum(dout.astype(cdt) * out.astype(cdt), axis=-1) - dlse.astype(cdt)
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
     vma = _vma(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse)
-    dq_t0 = _varying(jnp.zeros((nq, BK, H, R), _F32), vma)
-    dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, _F32), vma)
+    dq_t0 = _varying(jnp.zeros((nq, BK, H, R), cdt), vma)
+    dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, cdt), vma)
+    dcap0 = None if cap is None else _varying(jnp.zeros((), cdt), vma)
 
     def k_step(carry, xs):
-        dq_t, dbias = carry
+        dq_t, (dbias, dcap) = carry
         j, kb, vb = xs
         k_start = j * ck
         k_t = jnp.swapaxes(kb, -1, -2)  # (BK, H, ck): one small transpose per key block
 
         def make_body(masked: bool):
             def body(i, c):
-                dk, dv, dq_t, dbias = c
+                dk, dv, dq_t, (dbias, dcap) = c
                 qb = lax.dynamic_index_in_dim(qc, i, keepdims=False)
                 dob = lax.dynamic_index_in_dim(dout, i, keepdims=False)
                 lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
                 d_b = lax.dynamic_index_in_dim(delta, i, keepdims=False)
                 q_start = i * cq
-                s_t = _mm(kb, qb, 2, 2, st.precision)  # (BK, ck, G·cq)
+                s_t = _mm(kb, qb, 2, 2, st.precision, cdt)  # (BK, ck, G·cq)
                 vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
-                t = None
+                t = u = None
                 if custom or vis is not None:
                     bias_blk = (None if bias5 is None
                                 else slice_block(bias5, q_start, cq, k_start, ck, KQ))
-                    z5, t = _logits(s_t.reshape(B, K, ck, G, cq), st, bias_blk, vis)
+                    z5, t, u = _logits(s_t.reshape(B, K, ck, G, cq), st, bias_blk, vis, cap)
                     s_t = z5.reshape(BK, ck, R)
                     if t is not None:
-                        t = t.reshape(BK, ck, R)
+                        t, u = t.reshape(BK, ck, R), u.reshape(BK, ck, R)
                 p_t = jnp.exp(s_t - lse_b[:, None, :])
                 if st.dropout_rate > 0.0:
                     keep = dropout_lib.keep_mask(seed, K, G, B, q_start, cq, k_start, ck,
                                                  st.dropout_rate, KQ).reshape(BK, ck, R)
-                    inv = _F32(1.0 / (1.0 - st.dropout_rate))
+                    inv = jnp.asarray(1.0 / (1.0 - st.dropout_rate), cdt)
                     pd_t = jnp.where(keep, p_t * inv, 0.0)
                 else:
                     pd_t = p_t
-                dv = dv + _mm(pd_t.astype(vc.dtype), dob, 2, 1, st.precision)  # (BK, ck, Hv)
-                dp_t = _mm(vb, dob, 2, 2, st.precision)  # (BK, ck, G·cq)
+                dv = dv + _mm(pd_t.astype(vc.dtype), dob, 2, 1, st.precision, cdt)  # (BK, ck, Hv)
+                dp_t = _mm(vb, dob, 2, 2, st.precision, cdt)  # (BK, ck, G·cq)
                 if st.dropout_rate > 0.0:
                     dp_t = jnp.where(keep, dp_t * inv, 0.0)
                 ds_t = p_t * (dp_t - d_b[:, None, :])
                 if dbias is not None:
                     dbias = _add_dbias(dbias, ds_t.reshape(B, K, ck, G, cq), q_start, cq,
                                        k_start, ck)
+                if dcap is not None:
+                    # d(c·tanh(x/c))/dc = tanh(u) - u·(1 - tanh(u)²), u = x/c
+                    dcap = dcap + jnp.sum(ds_t * (t - u * (1.0 - t * t)))
                 if t is not None:
                     ds_t = ds_t * (1.0 - t * t)
                 if st.scale != 1.0:
-                    ds_t = ds_t * _F32(st.scale)
+                    ds_t = ds_t * jnp.asarray(st.scale, cdt)
                 ds_c = ds_t.astype(dt)
-                dk = dk + _mm(ds_c, qb, 2, 1, st.precision)  # (BK, ck, H)
-                dq_blk = _mm(k_t, ds_c, 2, 1, st.precision)  # (BK, H, G·cq)
+                dk = dk + _mm(ds_c, qb, 2, 1, st.precision, cdt)  # (BK, ck, H)
+                dq_blk = _mm(k_t, ds_c, 2, 1, st.precision, cdt)  # (BK, H, G·cq)
                 prev = lax.dynamic_index_in_dim(dq_t, i, keepdims=False)
                 dq_t = lax.dynamic_update_index_in_dim(dq_t, prev + dq_blk, i, 0)
-                return dk, dv, dq_t, dbias
+                return dk, dv, dq_t, (dbias, dcap)
 
             return body
 
-        c = (_varying(jnp.zeros((BK, ck, H), _F32), vma),
-             _varying(jnp.zeros((BK, ck, Hv), _F32), vma), dq_t, dbias)
+        c = (_varying(jnp.zeros((BK, ck, H), cdt), vma),
+             _varying(jnp.zeros((BK, ck, Hv), cdt), vma), dq_t, (dbias, dcap))
         if needs_mask:
             ranges = info.query_block_ranges(k_start, ck, cq, nq)
             c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)
         else:
             c = lax.fori_loop(0, nq, make_body(False), c)
-        dk, dv, dq_t, dbias = c
-        return (dq_t, dbias), (dk.astype(kc.dtype), dv.astype(vc.dtype))
+        dk, dv, dq_t, (dbias, dcap) = c
+        return (dq_t, (dbias, dcap)), (dk.astype(kc.dtype), dv.astype(vc.dtype))
 
-    (dq_t, dbias), (dkc, dvc) = lax.scan(
-        k_step, (dq_t0, dbias0), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
+    (dq_t, (dbias, dcap)), (dkc, dvc) = lax.scan(
+        k_step, (dq_t0, (dbias0, dcap0)), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
     )
     dqc = jnp.swapaxes(dq_t, -1, -2).astype(dt).reshape(nq, B, K, G, cq, H)
     if dbias is not None:
         dbias = dbias.astype(bias5.dtype)
-    return dqc, dkc.reshape(nk, B, K, ck, H), dvc.reshape(nk, B, K, ck, Hv), dbias
+    if dcap is not None:
+        dcap = dcap.astype(cap.dtype)
+    return dqc, dkc.reshape(nk, B, K, ck, H), dvc.reshape(nk, B, K, ck, Hv), dbias, dcap
 
 
 def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
@@ -307,26 +324,31 @@ def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
     axes = tuple(a for a in range(5) if dbias.shape[a] == 1 and g.shape[a] != 1)
     if axes:
         g = jnp.sum(g, axis=axes, keepdims=True)
-    starts = (0, 0, 0, q_start if dbias.shape[3] != 1 else 0, k_start if dbias.shape[4] != 1 else 0)
+    # One index dtype for every start (int32), whether or not jax_enable_x64 is on.
+    zero = jnp.int32(0)
+    starts = (zero, zero, zero,
+              jnp.asarray(q_start if dbias.shape[3] != 1 else 0, jnp.int32),
+              jnp.asarray(k_start if dbias.shape[4] != 1 else 0, jnp.int32))
     prev = lax.dynamic_slice(dbias, starts, g.shape)
     return lax.dynamic_update_slice(dbias, prev + g, starts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _core(qc, kc, vc, bias5, info, seed, st):
-    return _forward(qc, kc, vc, bias5, info, seed, st)
+def _core(qc, kc, vc, bias5, info, seed, st, cap):
+    return _forward(qc, kc, vc, bias5, info, seed, st, cap)
 
 
-def _core_fwd(qc, kc, vc, bias5, info, seed, st):
-    out, lse = _forward(qc, kc, vc, bias5, info, seed, st)
-    return (out, lse), (qc, kc, vc, bias5, info, seed, out, lse)
+def _core_fwd(qc, kc, vc, bias5, info, seed, st, cap):
+    out, lse = _forward(qc, kc, vc, bias5, info, seed, st, cap)
+    return (out, lse), (qc, kc, vc, bias5, info, seed, cap, out, lse)
 
 
 def _core_bwd(st, res, cts):
-    qc, kc, vc, bias5, info, seed, out, lse = res
+    qc, kc, vc, bias5, info, seed, cap, out, lse = res
     dout, dlse = cts
-    dqc, dkc, dvc, dbias = _backward(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse, st)
-    return dqc, dkc, dvc, dbias, None, None
+    dqc, dkc, dvc, dbias, dcap = _backward(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse,
+                                           st, cap)
+    return dqc, dkc, dvc, dbias, None, None, dcap
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -390,9 +412,12 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
       bias5: ``None`` or ``(Bb, Kb, Gb, Tb, Sb)`` (grouped, unpadded, each dim 1 or full).
       info: the masks, with a grouped (unpadded) dense mask.
       seed: uint32 scalar dropout seed, or None.
+      logits_soft_cap: a Python float, ``None``, or a scalar array (traced under ``jit``;
+        then it is a differentiable operand of the kernel).
 
     Returns:
-      ``out (B, T, N, Hv)`` in q's dtype and ``lse (B, T, N)`` float32.
+      ``out (B, T, N, Hv)`` in q's dtype and ``lse (B, T, N)`` in the compute dtype
+      (float32, or float64 for float64 inputs).
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -400,6 +425,11 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
     nq, nk = -(-T // q_chunk), -(-S // k_chunk)
     tp, sp = nq * q_chunk, nk * k_chunk
 
+    cap = None
+    if isinstance(logits_soft_cap, jax.Array):
+        # A traced soft cap is an operand of the kernel (differentiable), not a static setting.
+        cap = jnp.asarray(logits_soft_cap, compute_dtype(q.dtype))
+        logits_soft_cap = None
     q, st = kernel_static(q, scale=scale, logits_soft_cap=logits_soft_cap,
                           dropout_rate=dropout_rate, precision=precision, num_q=nq, num_k=nk,
                           q_chunk=q_chunk, k_chunk=k_chunk, kv_len=S)
@@ -412,7 +442,7 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
         if bias5.shape[4] != 1:
             bias5 = _pad_axis(bias5, 4, sp)
     info = _pad_info(info, tp, sp)
-    out, lse = _core(qc, kc, vc, bias5, info, seed, st)
+    out, lse = _core(qc, kc, vc, bias5, info, seed, st, cap)
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :T]
     lse = lse.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :T]
     return out, lse

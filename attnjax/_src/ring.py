@@ -64,7 +64,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from attnjax._src.attention import _normalise_window
+from attnjax._src.attention import _check_soft_cap, _normalise_window, _reject_forward_mode
 from attnjax._src.chunked import (
     _backward,
     _forward,
@@ -79,8 +79,8 @@ from attnjax._src.chunked import (
 )
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo
+from attnjax._src.numerics import compute_dtype
 
-_F32 = jnp.float32
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -275,7 +275,7 @@ def _fwd_step(rs: _RingStatic, qs, kv, aux, me, src, acc):
         # through untouched (no zero blocks, no extra live buffers).
         def compute(acc_q, ins=(qs[sq], ks[sk], vs[sk]), info=info):
             o, lse = _forward(*ins, None, info, None, rs.kernel)
-            return merge_partials(*acc_q, o.astype(_F32), lse)
+            return merge_partials(*acc_q, o.astype(lse.dtype), lse)
 
         acc_q = _maybe(_any_visible(info), compute, (acc_o[sq], acc_l[sq]))
         acc_o = acc_o[:sq] + (acc_q[0],) + acc_o[sq + 1:]
@@ -290,9 +290,10 @@ def _ring_forward(qs, ks, vs, aux, rs: _RingStatic):
     nq, B, K, G, cq, _ = qs[0].shape
     Hv = vs[0].shape[-1]
     refs = (qs, ks, vs, aux)
+    cdt = compute_dtype(qs[0].dtype)
     acc = (
-        tuple(_varying_like(jnp.zeros((nq, B, K, G, cq, Hv), _F32), refs) for _ in qs),
-        tuple(_varying_like(jnp.full((nq, B, K, G, cq), -jnp.inf, _F32), refs) for _ in qs),
+        tuple(_varying_like(jnp.zeros((nq, B, K, G, cq, Hv), cdt), refs) for _ in qs),
+        tuple(_varying_like(jnp.full((nq, B, K, G, cq), -jnp.inf, cdt), refs) for _ in qs),
     )
     kv = (ks, vs, aux.get("kv_segment_ids"))
     perm = _ring_perm(n)
@@ -323,7 +324,7 @@ def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, 
         def compute(grads, ins=ins, info=info):
             q_, k_, v_, o_, l_, do_, dl_ = ins
             g = _backward(q_, k_, v_, None, info, None, o_, l_, do_, dl_, rs.kernel)
-            return tuple(a + b.astype(_F32) for a, b in zip(grads, g[:3], strict=True))
+            return tuple(a + b.astype(a.dtype) for a, b in zip(grads, g[:3], strict=True))
 
         g = _maybe(_any_visible(info), compute, (dq[sq], dk[sk], dv[sk]))
         dq = dq[:sq] + (g[0],) + dq[sq + 1:]
@@ -337,9 +338,10 @@ def _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs: _RingStatic):
     me = lax.axis_index(rs.axis_name)
     perm = _ring_perm(n)
     refs = (qs, ks, vs, aux, out, lse, dout, dlse)
-    dq = tuple(_varying_like(jnp.zeros(x.shape, _F32), refs) for x in qs)
-    dkv = (tuple(_varying_like(jnp.zeros(x.shape, _F32), refs) for x in ks),
-           tuple(_varying_like(jnp.zeros(x.shape, _F32), refs) for x in vs))
+    cdt = compute_dtype(qs[0].dtype)
+    dq = tuple(_varying_like(jnp.zeros(x.shape, cdt), refs) for x in qs)
+    dkv = (tuple(_varying_like(jnp.zeros(x.shape, cdt), refs) for x in ks),
+           tuple(_varying_like(jnp.zeros(x.shape, cdt), refs) for x in vs))
     kv = (ks, vs, aux.get("kv_segment_ids"))
 
     def body(t, carry):
@@ -516,6 +518,13 @@ def ring_attention(
     if (query_segment_ids is None) != (key_value_segment_ids is None):
         raise ValueError("query_segment_ids and key_value_segment_ids must be given together")
     window = _normalise_window(local_window_size)
+    logits_soft_cap = _check_soft_cap(logits_soft_cap)
+    if isinstance(logits_soft_cap, jax.Array):
+        raise TypeError(
+            "ring_attention needs logits_soft_cap as a Python float (a static kernel setting), "
+            f"got a traced value {logits_soft_cap!r}; dot_product_attention accepts a traced one"
+        )
+    _reject_forward_mode("ring_attention", q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(H)
     chunks = as_chunk_size(chunk_size)

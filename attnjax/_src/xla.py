@@ -12,16 +12,17 @@ import jax.numpy as jnp
 
 from attnjax._src import dropout as dropout_lib
 from attnjax._src.masks import QK, MaskInfo, to_grouped
+from attnjax._src.numerics import compute_dtype, einsum
 
 
 def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_cap,
                   dropout_rate: float, seed, precision):
-    """Returns ``(out (B,T,N,Hv) in q.dtype, lse (B,T,N) float32)``."""
+    """Returns ``(out (B,T,N,Hv) in q.dtype, lse (B,T,N))`` (lse in the compute dtype)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
     Hv = v.shape[-1]
-    f32 = jnp.float32
+    cdt = compute_dtype(q.dtype)  # float32, or float64 for float64 inputs
     # Everything that may depend on the query group g: (B|1, K|1, G|1, T|1, S|1) arrays.
     per_group = {}
     if bias is not None:
@@ -38,13 +39,13 @@ def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_ca
         # qk: (B, T, K, H); masks and bias: (B|1, K|1, T|1, S|1). The 4-D einsums are the
         # layout XLA:CPU handles best (as in jax.nn); groups are vmapped, K/V never copied.
         arrays = {**shared, **g_arrays}
-        s = jnp.einsum("btkh,bskh->bkts", qk, k, preferred_element_type=f32, precision=precision)
-        s = s * f32(scale)
+        s = einsum("btkh,bskh->bkts", qk, k, out_dtype=cdt, precision=precision)
+        s = s * jnp.asarray(scale, cdt)
         if logits_soft_cap is not None:
-            c = f32(logits_soft_cap)
+            c = jnp.asarray(logits_soft_cap, cdt)
             s = c * jnp.tanh(s / c)
         if "bias" in arrays:
-            s = s + arrays["bias"].astype(f32)
+            s = s + arrays["bias"].astype(cdt)
         if "vis" in arrays:
             s = jnp.where(arrays["vis"], s, -jnp.inf)
         m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
@@ -54,13 +55,12 @@ def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_ca
         safe_l = jnp.where(l > 0, l, 1.0)
         lse = jnp.where(l > 0, jnp.log(safe_l) + m[..., 0], -jnp.inf)
         if "keep" in arrays:
-            p = jnp.where(arrays["keep"], p / f32(1.0 - dropout_rate), 0.0)
-        if v.dtype != f32:
+            p = jnp.where(arrays["keep"], p / jnp.asarray(1.0 - dropout_rate, cdt), 0.0)
+        if v.dtype != cdt:
             # Low precision: normalise before the cast, as the weights feed a bf16/f16 matmul.
             p = p / safe_l[..., None]
-        out = jnp.einsum("bkts,bskh->btkh", p.astype(v.dtype), v, preferred_element_type=f32,
-                         precision=precision)
-        if v.dtype == f32:
+        out = einsum("bkts,bskh->btkh", p.astype(v.dtype), v, out_dtype=cdt, precision=precision)
+        if v.dtype == cdt:
             # Normalise the (T, Hv) output rather than the (T, S) weights: one pass fewer over the
             # score block (about 2x faster on XLA:CPU than dividing the weights).
             inv = jnp.where(l > 0, 1.0 / safe_l, 0.0)
