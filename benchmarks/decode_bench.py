@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -35,22 +34,10 @@ import jax.numpy as jnp
 
 from attnjax import KVCache, cached_attention
 
-
-def cpu_model() -> tuple[str, str]:
-    """``(model name, ISA flags of interest)`` from /proc/cpuinfo (Linux), else platform."""
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name is None:
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
-    isa = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f"))
-    return name, isa
+try:  # as part of the package (attnjax.benchmarks) or as a script from benchmarks/
+    from .hostinfo import format_host, host_info
+except ImportError:
+    from hostinfo import format_host, host_info
 
 
 @jax.jit
@@ -150,9 +137,8 @@ def main(argv=None):
     ap.add_argument("--stock", action="store_true", help="also time the stock Flax-style step")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
-    name, isa = cpu_model()
-    print(f"CPU: {name} ({isa}), {jax.local_device_count()} device(s), "
-          f"jax {jax.__version__}, backend {jax.default_backend()}")
+    info = host_info()
+    print(format_host(info))
     print(f"N=8 H=64; step = cached_attention of T new tokens against a full cache, jitted, "
           f"cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
           "interleaved repeats; ratio = median of step/floor timed back to back")
@@ -180,8 +166,7 @@ def main(argv=None):
                         print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": name, "isa": isa, "jax": jax.__version__, "rows": rows}, f,
-                      indent=1)
+            json.dump({"host": info, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -246,3 +246,43 @@ def test_x64_float64_computes_in_float64_and_float32_with_int32_indices():
             for (b, p), o in got.items():
                 np.testing.assert_allclose(o, _ref(q, k, v, b, p), atol=tol, rtol=tol,
                                            err_msg=f"{dtype} row {b} position {p}")
+
+
+def _unfused_instructions(hlo: str) -> str:
+    """The HLO text without the bodies of fusions (which compute elements, not buffers)."""
+    keep, skip = [], False
+    for ln in hlo.splitlines():
+        if ln and not ln.startswith(" "):  # a computation header (or its closing brace)
+            skip = "fused_computation" in ln or "_computation" in ln.split("(")[0]
+        if not skip:
+            keep.append(ln)
+    return "\n".join(keep)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_cache_step_is_flat_and_in_place(dtype):
+    """A bfloat16/float16 cache, steps of B·T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
+    has no bf16 scatter or dynamic-slice and used to convert the cache to float32 and back every
+    step), no copy of the cache, temp memory independent of the cache length."""
+    temps = {}
+    for L in (4096, 16384):
+        for B, T in ((1, 1), (2, 4)):
+            cache = KVCache.create(B, L, 8, 64, dtype)
+            q = jnp.ones((B, T, 8, 64), dtype)
+            f = jax.jit(lambda q, k, v, c: cached_attention(q, k, v, c, chunk_size=256),
+                        donate_argnums=3)
+            comp = f.lower(q, q, q, cache).compile()
+            ma = comp.memory_analysis()
+            hlo = _unfused_instructions(comp.as_text())
+            assert ma.alias_size_in_bytes >= 2 * cache.key.nbytes
+            short = {"bfloat16": "bf16", "float16": "f16"}[jnp.dtype(dtype).name]
+            for ty in (short, "f32"):
+                shape = f"{ty}[{B},{L},8,64]"
+                big = [ln for ln in hlo.splitlines()
+                       if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|convert)\(", ln)
+                       or re.search(r"= f32\[" + f"{B},{L}" + r",8,64\]\{[^}]*\} fusion\(", ln)]
+                assert not big, big[:3]
+            temps[(L, B, T)] = ma.temp_size_in_bytes
+            assert ma.temp_size_in_bytes < cache.key.nbytes / 2, (L, B, T, ma)
+    for B, T in ((1, 1), (2, 4)):
+        assert temps[(16384, B, T)] <= temps[(4096, B, T)] * 1.1 + 65536

@@ -5,7 +5,8 @@ anything in between for speculative / chunked steps) computes, for each batch ro
 cache already holds ``P[b] = cache.lengths[b]`` tokens:
 
 * the attention of the ``T`` queries over the *cached* keys (positions ``< P[b]``), read in
-  chunks of the cache in its own layout (no transpose, no copy), each chunk merged into a running
+  chunks of the cache in its own BSKH layout (no transpose of the cache), each chunk with one
+  matrix product over all heads for the keys and one for the values, merged into a running
   log-sum-exp (split-K). Only chunks that hold a visible key are read (the loop's trip count is
   dynamic), so a step over a cache that is 10% full reads 10% of it;
 * the causal attention of the ``T`` queries over the ``T`` *new* keys, with the core
@@ -14,8 +15,13 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 * the write of the new keys/values into the cache (a scatter that XLA performs in place when the
   cache buffer is donated), and ``lengths += query_seq_lengths``.
 
-Temporary memory of a step is O(B·N·T·C) for the score chunk (``C`` = key chunk size) plus
-O(B·T·N·H), independent of the cache length ``S``.
+Temporary memory of a step is O(B·C·K·(H + Hv)) for a chunk of keys and values (``C`` = key
+chunk size, about 4 MiB by default), O(B·N·T·C) for its scores, plus O(B·T·N·K·Hv), independent
+of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens over
+all rows, B·T ≤ 8: see ``_write`` for XLA:CPU's whole-cache float32 conversions).
+
+Computation is in ``max(float32, input dtype)`` (float64 inputs stay float64); index arithmetic
+is int32, also under ``jax_enable_x64``.
 
 A sliding-window cache (``window=W``) is a ring buffer of ``W`` slots: position ``p`` lives in
 slot ``p % W``. A query at position ``p`` attends to the last ``W`` positions, itself included
@@ -36,12 +42,15 @@ from jax import lax
 from attnjax._src.attention import _normalise_window, dot_product_attention
 from attnjax._src.chunked import merge_partials
 from attnjax._src.config import ChunkSize, as_chunk_size
+from attnjax._src.numerics import compute_dtype
 
 # Default chunk of a decode step: the power of two of cache slots whose keys and values, in the
-# compute dtype and over the batch, take about DECODE_CHUNK_BYTES (2048 slots for B=1, K=8,
-# H=64 in float32), within [MIN_DECODE_CHUNK, MAX_DECODE_CHUNK]. Fewer, larger reads cost less
-# per chunk on XLA:CPU; the step's temp memory is about twice this, whatever the cache length.
-DECODE_CHUNK_BYTES = 8 * 2**20
+# compute dtype and over the batch, take about DECODE_CHUNK_BYTES (1024 slots for B=1, K=8,
+# H=64 in float32; 4096 for K=2), within [MIN_DECODE_CHUNK, MAX_DECODE_CHUNK]. On a 2-core AVX2
+# host, 4 MiB chunks were faster than 2-4x larger or smaller ones (each chunk is copied out of
+# the cache before its matrix products, so it should stay in cache). The chunk is most of the
+# step's temp memory, whatever the cache length.
+DECODE_CHUNK_BYTES = 4 * 2**20
 MIN_DECODE_CHUNK = 256
 MAX_DECODE_CHUNK = 8192
 
@@ -130,11 +139,6 @@ class KVCache:
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
-
-
-def _compute_dtype(*dtypes):
-    """Internal precision: ``max(float32, dtypes)`` (float64 inputs compute in float64)."""
-    return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
 
 
 def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
@@ -227,8 +231,8 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         Z = Hv
 
     # A cache stored below the compute dtype (bfloat16, float16) is carried through the loop
-    # behind an optimization barrier: otherwise XLA:CPU hoists the chunk's up-cast out of the
-    # loop and converts the whole cache every step (temp memory and time O(L)).
+    # behind an optimization barrier: otherwise XLA:CPU (which has no bfloat16 dynamic-slice)
+    # converts the whole cache to float32 before the loop, every step.
     carry_cache = jnp.dtype(key.dtype) != cdt or jnp.dtype(value.dtype) != cdt
     kf, vf = key, value  # sliced 4-d and reshaped per chunk (a reshape here would make XLA
     # duplicate the in-place scatter that produced them, and copy the cache)
@@ -294,6 +298,41 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
     return out.reshape(B, T, N, Hv), lse.reshape(B, T, N), key, value
 
 
+_NARROW_TOKEN_WRITES = 8
+
+
+def _write(buf, new, idx):
+    """``buf (B, L, K, H)`` with ``new (B, T, K, H)`` written at slots ``idx (B, T)`` (``L``:
+    dropped), in place when ``buf`` is donated.
+
+    One scatter for float32/float64 buffers. XLA:CPU has no bfloat16/float16 scatter: it
+    converts the whole cache to float32, scatters and converts back (temp memory O(L)). For at
+    most ``_NARROW_TOKEN_WRITES`` tokens a narrower buffer is instead written token by token
+    with ``dynamic_update_slice`` (dropped tokens skipped with ``lax.cond``): no temp memory,
+    but XLA:CPU still rewrites the whole buffer once per token (its bf16 update-slice is
+    converted too); measured about as fast as the scatter at 8 tokens, so beyond that the
+    scatter is used.
+    """
+    B, T = idx.shape
+    L = buf.shape[1]
+    new = new.astype(buf.dtype)
+    if jnp.dtype(buf.dtype).itemsize >= 4 or B * T > _NARROW_TOKEN_WRITES:
+        rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+        return buf.at[rows, idx].set(new, mode="drop")
+
+    def body(i, buf):
+        b, t = i // T, i % T
+        slot = idx[b, t]
+        tok = lax.dynamic_slice(new, (b, t, 0, 0), (1, 1) + new.shape[2:])
+        zero = jnp.zeros((), jnp.int32)
+        return lax.cond(
+            slot < L,
+            lambda buf: lax.dynamic_update_slice(buf, tok, (b, slot, zero, zero)),
+            lambda buf: buf, buf)
+
+    return lax.fori_loop(jnp.int32(0), jnp.int32(B * T), body, buf)
+
+
 def _finish(carry):
     """``(m, l, acc)`` -> normalised ``out (B, T, K, G, Hv)`` and ``lse (B, T, K, G)``."""
     m, den, acc = carry
@@ -348,7 +387,7 @@ def cached_attention(
       implementation: core implementation for the new-token part (``None`` = auto).
       chunk_size: a :class:`attnjax.ChunkSize`/int/pair; its ``key`` size is the number of
         cache slots read per chunk (when ``None``: a power of two sized so that a chunk's keys
-        and values take about 8 MiB, e.g. 2048 slots for B=1, K=8, H=64 in float32) and both
+        and values take about 4 MiB, e.g. 1024 slots for B=1, K=8, H=64 in float32) and both
         sizes drive the core for the new-token part.
       precision: matmul precision.
 
@@ -432,8 +471,8 @@ def cached_attention(
         scale = 1.0 / math.sqrt(H)
 
     G = N // K
-    cdt = _compute_dtype(query.dtype, key.dtype, value.dtype, cache.key.dtype,
-                         cache.value.dtype)
+    cdt = compute_dtype(jnp.result_type(query.dtype, key.dtype, value.dtype, cache.key.dtype,
+                                        cache.value.dtype))
     decode_chunk = (default_decode_chunk(B, K, H, Hv, jnp.dtype(cdt).itemsize)
                     if chunk_size is None else chunks.key)
     qs = query.astype(cdt) * jnp.asarray(scale, cdt)  # scaled queries in the compute dtype
@@ -474,8 +513,8 @@ def cached_attention(
         idx = jnp.where(keep, jnp.mod(pos_new, L), L)
     else:
         idx = jnp.where(t < n[:, None], pos_new, L)
-    new_key = cache.key.at[rows, idx].set(key.astype(cache.key.dtype), mode="drop")
-    new_value = cache.value.at[rows, idx].set(value.astype(cache.value.dtype), mode="drop")
+    new_key = _write(cache.key, key, idx)
+    new_value = _write(cache.value, value, idx)
 
     # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
     o_old, lse_old, new_key, new_value = _attend_cache(
