@@ -1,19 +1,31 @@
-"""Per-step decode time and compiled temp memory of attnjax.cached_attention.
+"""Decode-step time of attnjax.cached_attention against the memory floor, measured side by side.
 
-One new token (T=1) against a cache holding ``L - 1`` tokens (so the step reads the whole cache),
-for cache lengths 1k, 8k, 64k; B=1, N=8 query heads, H=64, float32; MHA (K=8) and GQA (K=2).
-The step is jitted with the cache donated (updated in place). For comparison, the same step the
-way the stock Flax decode path does it: ``dynamic_update_slice`` into the cache, then
-``jax.nn.dot_product_attention`` with a ``(B, 1, 1, L)`` validity mask over the whole cache.
+A decoding step must read every cached key and value once; that read is its floor. For each
+configuration this benchmark times, alternately in the same run,
+
+* the **floor**: a jitted reduction that reads the cache's K and V once
+  (``jnp.sum(k) + jnp.sum(v)``, accumulated in float32), and
+* the **step**: ``cached_attention`` of ``T`` new tokens (``T = 1`` ordinary decoding, ``T = 4`` a
+  speculative step) against a cache holding ``L - T`` tokens, so the step reads all of it; jitted
+  with the cache donated (updated in place), the state threaded from step to step as in a
+  generation loop,
+
+and prints the medians and their ratio (the median over repeats of step / floor timed back to
+back, robust to load that drifts during the run), with the compiled temp memory of the step.
+Optionally (``--stock``) the stock Flax decode step is timed too: ``dynamic_update_slice`` into
+the cache, then ``jax.nn.dot_product_attention`` with a ``(B, 1, 1, L)`` mask over the whole cache.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/decode_bench.py [--lengths 1024 8192 65536] [--steps 50]
+    PYTHONPATH=. python benchmarks/decode_bench.py                 # the full table
+    PYTHONPATH=. python benchmarks/decode_bench.py --batch 1 --kv-heads 8 --lengths 65536 \\
+        --dtypes float32 --tokens 1 --stock --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -22,80 +34,139 @@ import jax.numpy as jnp
 
 from attnjax import KVCache, cached_attention
 
-
-def _time_steps(step, state, args, steps: int):
-    """Median wall time of one step (state threaded through, as in a generation loop)."""
-    out, state = step(*args, state)  # compile + warm up
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out, state = step(*args, state)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), state
+try:  # as part of the package (attnjax.benchmarks) or as a script from benchmarks/
+    from .hostinfo import format_host, host_info
+except ImportError:
+    from hostinfo import format_host, host_info
 
 
-def bench(L: int, K: int, steps: int, chunk: int | None, B=1, N=8, H=64):
-    q = jnp.ones((B, 1, N, H), jnp.float32)
-    k = v = jnp.ones((B, 1, K, H), jnp.float32)
-    rows = {}
+@jax.jit
+def _floor(k, v):
+    return jnp.sum(k, dtype=jnp.float32) + jnp.sum(v, dtype=jnp.float32)
 
-    # attnjax: split-K read of the cache, in-place update.
-    cache = KVCache.create(B, L, K, H)
-    cache = KVCache(jax.random.normal(jax.random.key(0), cache.key.shape),
-                    jax.random.normal(jax.random.key(1), cache.value.shape),
-                    jnp.full((B,), L - 1, jnp.int32))
+
+def _interleaved(fns, repeats: int):
+    """Median wall time of each ``fn()`` (each blocks on its result), called in turn."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench(B: int, K: int, L: int, dtype, T: int, repeats: int, chunk: int | None,
+          stock: bool, N: int = 8, H: int = 64):
+    r = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(r[0], (B, T, N, H), dtype)
+    k = jax.random.normal(r[1], (B, T, K, H), dtype)
+    v = jax.random.normal(r[2], (B, T, K, H), dtype)
+    fill = jnp.full((B,), L - T, jnp.int32)
+    cache = KVCache(jax.random.normal(r[3], (B, L, K, H), dtype),
+                    jax.random.normal(r[4], (B, L, K, H), dtype), fill)
 
     def ours(q, k, v, c):
         out, c = cached_attention(q, k, v, c, chunk_size=chunk)
-        # keep the cache full (length L - 1) so every timed step reads all of it
-        return out, KVCache(c.key, c.value, c.lengths - 1, c.window)
+        # keep the cache full (length L - T) so every timed step reads all of it
+        return out, KVCache(c.key, c.value, c.lengths - T, c.window)
 
     step = jax.jit(ours, donate_argnums=3)
     temp = step.lower(q, k, v, cache).compile().memory_analysis().temp_size_in_bytes
-    t, _ = _time_steps(step, cache, (q, k, v), steps)
-    rows["attnjax"] = (t, temp)
+    state = {"cache": cache}
 
-    # stock-Flax-style step: write, then attend over the whole cache with a mask.
-    ck = jax.random.normal(jax.random.key(0), (B, L, K, H))
-    cv = jax.random.normal(jax.random.key(1), (B, L, K, H))
-    state = (ck, cv, jnp.int32(L - 1))
+    def run_step():
+        out, state["cache"] = step(q, k, v, state["cache"])
+        jax.block_until_ready(out)
 
-    def stock(q, k, v, st):
-        ck, cv, idx = st
-        ck = jax.lax.dynamic_update_slice(ck, k, (0, idx, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v, (0, idx, 0, 0))
-        mask = jnp.broadcast_to(jnp.arange(L) <= idx, (B, 1, 1, L))
-        out = jax.nn.dot_product_attention(q, ck, cv, mask=mask)
-        return out, (ck, cv, idx)
+    def run_floor():
+        jax.block_until_ready(_floor(state["cache"].key, state["cache"].value))
 
-    step = jax.jit(stock, donate_argnums=3)
-    temp = step.lower(q, k, v, state).compile().memory_analysis().temp_size_in_bytes
-    t, _ = _time_steps(step, state, (q, k, v), steps)
-    rows["stock-style"] = (t, temp)
-    return rows
+    fns = {"floor": run_floor, "step": run_step}
+    if stock:
+        st = {"s": (cache.key + 0, cache.value + 0, jnp.int32(L - T))}
+
+        def stock_step(q, k, v, s):
+            ck, cv, idx = s
+            ck = jax.lax.dynamic_update_slice(ck, k, (0, idx, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v, (0, idx, 0, 0))
+            # a T-token step sees the cache up to each token's own position
+            mask = jnp.arange(L)[None, :] <= idx + jnp.arange(T)[:, None]
+            out = jax.nn.dot_product_attention(q, ck, cv,
+                                               mask=jnp.broadcast_to(mask, (B, 1, T, L)))
+            return out, (ck, cv, idx)
+
+        sstep = jax.jit(stock_step, donate_argnums=3)
+        stock_temp = sstep.lower(q, k, v, st["s"]).compile().memory_analysis().temp_size_in_bytes
+
+        def run_stock():
+            out, st["s"] = sstep(q, k, v, st["s"])
+            jax.block_until_ready(out)
+
+        fns["stock"] = run_stock
+    for fn in fns.values():  # compile + warm up
+        fn()
+    times = _interleaved(fns, repeats)
+    row = {
+        "B": B, "K": K, "N": N, "H": H, "L": L, "T": T, "dtype": jnp.dtype(dtype).name,
+        "cache_MiB": 2 * B * L * K * H * jnp.dtype(dtype).itemsize / 2**20,
+        "floor_ms": 1e3 * statistics.median(times["floor"]),
+        "step_ms": 1e3 * statistics.median(times["step"]),
+        "ratio": statistics.median(s / f for s, f in zip(times["step"], times["floor"], strict=True)),
+        "step_temp_MiB": temp / 2**20,
+    }
+    if stock:
+        row["stock_ms"] = 1e3 * statistics.median(times["stock"])
+        row["stock_ratio"] = statistics.median(
+            s / f for s, f in zip(times["stock"], times["floor"], strict=True))
+        row["stock_temp_MiB"] = stock_temp / 2**20
+    return row
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--chunk", type=int, default=None, help="cache slots per chunk (default 1024)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4],
+                    help="new tokens per step (1: decoding, 4: a speculative step)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="cache slots per chunk (default: cached_attention's own choice)")
+    ap.add_argument("--stock", action="store_true", help="also time the stock Flax-style step")
+    ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {jax.devices()[0]}")
-    print("B=1 N=8 H=64 float32, one-token step against a full cache, median of "
-          f"{args.steps} steps")
-    cache_mib = lambda L, K: 2 * L * K * 64 * 4 / 2**20  # noqa: E731
-    print(f"{'cache L':>8} {'K':>2} {'cache MiB':>9} | {'impl':<11} {'ms/step':>8} "
-          f"{'temp MiB':>9}")
-    for K in args.kv_heads:
-        for L in args.lengths:
-            rows = bench(L, K, args.steps, args.chunk)
-            for name, (t, temp) in rows.items():
-                print(f"{L:>8} {K:>2} {cache_mib(L, K):>9.1f} | {name:<11} {t * 1e3:>8.3f} "
-                      f"{temp / 2**20:>9.2f}", flush=True)
+    info = host_info()
+    print(format_host(info))
+    print(f"N=8 H=64; step = cached_attention of T new tokens against a full cache, jitted, "
+          f"cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
+          "interleaved repeats; ratio = median of step/floor timed back to back")
+    head = (f"{'B':>2} {'K':>2} {'dtype':>8} {'L':>6} {'T':>2} {'K+V MiB':>8} | "
+            f"{'floor ms':>9} {'step ms':>9} {'ratio':>6} {'temp MiB':>8}")
+    if args.stock:
+        head += f" | {'stock ms':>9} {'ratio':>6} {'temp MiB':>8}"
+    print(head, flush=True)
+    rows = []
+    for T in args.tokens:
+        for B in args.batch:
+            for K in args.kv_heads:
+                for dt in args.dtypes:
+                    for L in args.lengths:
+                        row = bench(B, K, L, jnp.dtype(dt), T, args.repeats, args.chunk,
+                                    args.stock)
+                        rows.append(row)
+                        line = (f"{B:>2} {K:>2} {row['dtype']:>8} {L:>6} {T:>2} "
+                                f"{row['cache_MiB']:>8.0f} | {row['floor_ms']:>9.2f} "
+                                f"{row['step_ms']:>9.2f} {row['ratio']:>6.2f} "
+                                f"{row['step_temp_MiB']:>8.2f}")
+                        if args.stock:
+                            line += (f" | {row['stock_ms']:>9.2f} {row['stock_ratio']:>6.2f} "
+                                     f"{row['stock_temp_MiB']:>8.2f}")
+                        print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"host": info, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

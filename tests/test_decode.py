@@ -183,3 +183,106 @@ def test_step_memory_is_flat_and_cache_updated_in_place(window):
         # does not grow with the cache length (4x longer cache -> same temp)
         assert temps[(16384, 1)] <= temps[(4096, 1)] * 1.1 + 65536
         assert temps[(16384, 16)] <= temps[(4096, 16)] * 1.1 + 65536
+
+
+@pytest.mark.parametrize("flat_max", [0, 10**6])
+def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max):
+    """Both ways of reading a chunk (one block-diagonal product over all heads, or one product
+    per kv head) against the reference: plain cache with a window and a soft-cap, ragged rows,
+    multi-token steps, and a ring buffer."""
+    from attnjax._src import decode
+    monkeypatch.setattr(decode, "FLAT_MAX_COLUMNS", flat_max)
+    q, k, v = _histories(5)
+    schedule = [(5, [5, 2, 4]), (1, [1, 1, 1]), (3, [3, 0, 2]), (1, [1, 1, 1])]
+    step = _stepper(chunk_size=3, local_window_size=(4, 0), logits_soft_cap=3.0)
+    got, _ = _run(schedule, KVCache.create(B, 14, K, H), q, k, v, step)
+    _check(got, q, k, v, window=4, cap=3.0)
+    got, _ = _run(schedule, KVCache.create(B, None, K, H, window=5), q, k, v,
+                  _stepper(chunk_size=2))
+    _check(got, q, k, v, window=4)
+
+
+def test_multi_query_cache_single_kv_head():
+    """K = 1 (multi-query): every step takes the all-heads product, long steps included."""
+    r = jax.random.split(jax.random.key(6), 3)
+    q = jax.random.normal(r[0], (2, 20, 4, 8), jnp.float32)
+    k = jax.random.normal(r[1], (2, 20, 1, 8), jnp.float32)
+    v = jax.random.normal(r[2], (2, 20, 1, 8), jnp.float32)
+    step = jax.jit(lambda q, k, v, c: cached_attention(q, k, v, c, chunk_size=4))
+    cache = KVCache.create(2, 20, 1, 8)
+    outs = []
+    for a, b in ((0, 9), (9, 10), (10, 18), (18, 20)):
+        out, cache = step(q[:, a:b], k[:, a:b], v[:, a:b], cache)
+        outs.append(np.asarray(out))
+    got = np.concatenate(outs, axis=1)
+    qd, kd, vd = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("btnh,bsh->bnts", qd, kd[:, :, 0]) / np.sqrt(8)
+    s = np.where(np.tril(np.ones((20, 20), bool)), s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bnts,bsh->btnh", w / w.sum(-1, keepdims=True), vd[:, :, 0])
+    np.testing.assert_allclose(got, ref, atol=3e-5, rtol=3e-5)
+
+
+def test_x64_float64_computes_in_float64_and_float32_with_int32_indices():
+    """Under jax_enable_x64: float64 inputs are computed in float64 (agreement far beyond
+    float32), float32 inputs stay float32, and the cache lengths stay int32."""
+    with jax.enable_x64(True):
+        q, k, v = (np.asarray(x, np.float64) for x in _histories(7))
+        for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 3e-5)):
+            cache = KVCache.create(B, TOTAL, K, H, dtype=dtype)
+            step = _stepper(chunk_size=5)
+            qs, ks, vs = (jnp.asarray(x, dtype) for x in (q, k, v))
+            got = {}
+            out, cache = step(qs[:, :7], ks[:, :7], vs[:, :7], cache,
+                              jnp.full((B,), 7, jnp.int32))
+            got.update({(b, p): np.asarray(out)[b, p] for b in range(B) for p in range(7)})
+            for p in range(7, 12):
+                out, cache = jax.jit(cached_attention)(qs[:, p:p + 1], ks[:, p:p + 1],
+                                                       vs[:, p:p + 1], cache)
+                assert out.dtype == dtype
+                got.update({(b, p): np.asarray(out)[b, 0] for b in range(B)})
+            assert cache.lengths.dtype == jnp.int32
+            np.testing.assert_array_equal(np.asarray(cache.lengths), 12)
+            for (b, p), o in got.items():
+                np.testing.assert_allclose(o, _ref(q, k, v, b, p), atol=tol, rtol=tol,
+                                           err_msg=f"{dtype} row {b} position {p}")
+
+
+def _unfused_instructions(hlo: str) -> str:
+    """The HLO text without the bodies of fusions (which compute elements, not buffers)."""
+    keep, skip = [], False
+    for ln in hlo.splitlines():
+        if ln and not ln.startswith(" "):  # a computation header (or its closing brace)
+            skip = "fused_computation" in ln or "_computation" in ln.split("(")[0]
+        if not skip:
+            keep.append(ln)
+    return "\n".join(keep)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_cache_step_is_flat_and_in_place(dtype):
+    """A bfloat16/float16 cache, steps of B·T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
+    has no bf16 scatter or dynamic-slice and used to convert the cache to float32 and back every
+    step), no copy of the cache, temp memory independent of the cache length."""
+    temps = {}
+    for L in (4096, 16384):
+        for B, T in ((1, 1), (2, 4)):
+            cache = KVCache.create(B, L, 8, 64, dtype)
+            q = jnp.ones((B, T, 8, 64), dtype)
+            f = jax.jit(lambda q, k, v, c: cached_attention(q, k, v, c, chunk_size=256),
+                        donate_argnums=3)
+            comp = f.lower(q, q, q, cache).compile()
+            ma = comp.memory_analysis()
+            hlo = _unfused_instructions(comp.as_text())
+            assert ma.alias_size_in_bytes >= 2 * cache.key.nbytes
+            short = {"bfloat16": "bf16", "float16": "f16"}[jnp.dtype(dtype).name]
+            for ty in (short, "f32"):
+                shape = f"{ty}[{B},{L},8,64]"
+                big = [ln for ln in hlo.splitlines()
+                       if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|convert)\(", ln)
+                       or re.search(r"= f32\[" + f"{B},{L}" + r",8,64\]\{[^}]*\} fusion\(", ln)]
+                assert not big, big[:3]
+            temps[(L, B, T)] = ma.temp_size_in_bytes
+            assert ma.temp_size_in_bytes < cache.key.nbytes / 2, (L, B, T, ma)
+    for B, T in ((1, 1), (2, 4)):
+        assert temps[(16384, B, T)] <= temps[(4096, B, T)] * 1.1 + 65536

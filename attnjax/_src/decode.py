@@ -5,7 +5,8 @@ anything in between for speculative / chunked steps) computes, for each batch ro
 cache already holds ``P[b] = cache.lengths[b]`` tokens:
 
 * the attention of the ``T`` queries over the *cached* keys (positions ``< P[b]``), read in
-  chunks of the cache in its own layout (no transpose, no copy), each chunk merged into a running
+  chunks of the cache in its own BSKH layout (no transpose of the cache), each chunk with one
+  matrix product over all heads for the keys and one for the values, merged into a running
   log-sum-exp (split-K). Only chunks that hold a visible key are read (the loop's trip count is
   dynamic), so a step over a cache that is 10% full reads 10% of it;
 * the causal attention of the ``T`` queries over the ``T`` *new* keys, with the core
@@ -14,8 +15,13 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 * the write of the new keys/values into the cache (a scatter that XLA performs in place when the
   cache buffer is donated), and ``lengths += query_seq_lengths``.
 
-Temporary memory of a step is O(B·N·T·C) for the score chunk (``C`` = key chunk size) plus
-O(B·T·N·H), independent of the cache length ``S``.
+Temporary memory of a step is O(B·C·K·(H + Hv)) for a chunk of keys and values (``C`` = key
+chunk size, about 4 MiB by default), O(B·N·T·C) for its scores, plus O(B·T·N·K·Hv), independent
+of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens over
+all rows, B·T ≤ 8: see ``_write`` for XLA:CPU's whole-cache float32 conversions).
+
+Computation is in ``max(float32, input dtype)`` (float64 inputs stay float64); index arithmetic
+is int32, also under ``jax_enable_x64``.
 
 A sliding-window cache (``window=W``) is a ring buffer of ``W`` slots: position ``p`` lives in
 slot ``p % W``. A query at position ``p`` attends to the last ``W`` positions, itself included
@@ -36,11 +42,25 @@ from jax import lax
 from attnjax._src.attention import _normalise_window, dot_product_attention
 from attnjax._src.chunked import merge_partials
 from attnjax._src.config import ChunkSize, as_chunk_size
+from attnjax._src.numerics import compute_dtype
 
-_F32 = jnp.float32
+# Default chunk of a decode step: the power of two of cache slots whose keys and values, in the
+# compute dtype and over the batch, take about DECODE_CHUNK_BYTES (1024 slots for B=1, K=8,
+# H=64 in float32; 4096 for K=2), within [MIN_DECODE_CHUNK, MAX_DECODE_CHUNK]. On a 2-core AVX2
+# host, 4 MiB chunks were faster than 2-4x larger or smaller ones (each chunk is copied out of
+# the cache before its matrix products, so it should stay in cache). The chunk is most of the
+# step's temp memory, whatever the cache length.
+DECODE_CHUNK_BYTES = 4 * 2**20
+MIN_DECODE_CHUNK = 256
+MAX_DECODE_CHUNK = 8192
 
-# Default number of cache slots read per chunk of a decode step.
-DEFAULT_DECODE_CHUNK = 1024
+
+def default_decode_chunk(batch: int, kv_heads: int, head_dim: int, value_head_dim: int,
+                         itemsize: int) -> int:
+    """Cache slots per chunk when ``chunk_size`` is ``None`` (see ``DECODE_CHUNK_BYTES``)."""
+    per_slot = batch * kv_heads * (head_dim + value_head_dim) * itemsize
+    c = 1 << max(0, (DECODE_CHUNK_BYTES // per_slot).bit_length() - 1)
+    return int(min(max(c, MIN_DECODE_CHUNK), MAX_DECODE_CHUNK))
 
 
 @jax.tree_util.register_dataclass
@@ -124,14 +144,15 @@ def _is_concrete(x) -> bool:
 def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
     """Online-softmax update of ``carry = (m, l, acc)`` with one key block.
 
-    ``qg (B, T, K, G, H)`` scaled float32 queries, ``kb (B, C, K, H)``, ``vb (B, C, K, Hv)``,
-    ``vis`` boolean broadcastable to ``(B, T, C)``.
+    ``qg (B, T, K, G, H)`` scaled queries in the compute dtype, ``kb (B, C, K, H)``,
+    ``vb (B, C, K, Hv)``, ``vis`` boolean broadcastable to ``(B, T, C)``.
     """
     m, den, acc = carry
-    s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=_F32,
+    cdt = qg.dtype
+    s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb.astype(cdt), preferred_element_type=cdt,
                    precision=precision)
     if logits_soft_cap is not None:
-        cap = _F32(logits_soft_cap)
+        cap = jnp.asarray(logits_soft_cap, cdt)
         s = cap * jnp.tanh(s / cap)
     s = jnp.where(vis[:, None, None], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -139,7 +160,7 @@ def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
     p = jnp.exp(s - m_use[..., None])
     alpha = jnp.exp(m - m_use)
     den = den * alpha + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(vb.dtype), vb, preferred_element_type=_F32,
+    pv = jnp.einsum("bkgtc,bckh->bkgth", p, vb.astype(cdt), preferred_element_type=cdt,
                     precision=precision)
     return m_new, den, acc * alpha[..., None] + pv
 
@@ -152,18 +173,41 @@ def _visible(pos, valid, qpos, window_left):
     return vis
 
 
-def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
-                  logits_soft_cap, precision, carry):
-    """Merge into ``carry`` the attention of ``qg (B, T, K, G, H)`` over the cached positions
-    ``< P`` still present in the (already updated) buffers ``key``/``value`` ``(B, L, K, H)``,
-    which hold every position ``< P_end`` that fits.
+# A step reads the cache with one matrix product over all heads per chunk (the queries laid out
+# block-diagonally, see _attend_cache) while the query columns N·T stay at most this many, and
+# with one product per kv head (the chunk transposed to heads-major by XLA) beyond.
+FLAT_MAX_COLUMNS = 16
 
-    Chunks of ``C`` slots are read in place with ``dynamic_slice``; the loop runs only over
-    chunks that can hold a visible position (dynamic trip count).
+
+def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
+                  logits_soft_cap, precision):
+    """Attention of ``q (B, T, N, H)`` (scaled, in the compute dtype) over the cached positions
+    ``< P`` still present in the (already updated) buffers ``key (B, L, K, H)``/``value``, which
+    hold every position ``< P_end`` that fits.
+
+    Returns ``(out (B, T, N, Hv), lse (B, T, N), key, value)``; the buffers come back from the
+    loop unchanged (see ``carry_cache`` below) and are the ones to store in the new cache.
+
+    Chunks of ``C`` slots are read in place with ``dynamic_slice`` (BSKH: a chunk is one
+    contiguous ``(C, K·H)`` block per batch row); the loop runs only over chunks that can hold a
+    visible position (dynamic trip count). Per chunk, with ``Y = N·T`` query columns:
+
+    * ``flat`` (``Y <= FLAT_MAX_COLUMNS`` or ``K = 1``): one product ``(C, K·H) @ (K·H, Y)`` over
+      all heads, the queries placed block-diagonally (query column ``(k, g, t)`` is zero outside
+      kv head ``k``'s rows), and one ``(Y, C) @ (C, K·Hv)`` for the values, whose off-diagonal
+      blocks are dropped at the end. This computes ``K`` times the useful products but reads the
+      chunk in its own layout with two plain matrix products, which XLA:CPU runs far faster than
+      ``K`` strided per-head products.
+    * otherwise (long multi-token steps, prefill): one product per kv head.
     """
-    B, T = qg.shape[:2]
-    L = key.shape[1]
+    B, T, N, H = q.shape
+    L, K = key.shape[1], key.shape[2]
+    Hv = value.shape[-1]
+    G = N // K
+    Y = N * T
+    cdt = q.dtype
     C = min(chunk, L)
+    flat = K == 1 or Y <= FLAT_MAX_COLUMNS
     filled = jnp.minimum(P, L)  # slots holding a position < P (in order, for a plain cache)
     hi = (jnp.max(filled) + C - 1) // C
     lo = jnp.int32(0)
@@ -175,10 +219,42 @@ def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
     qpos = P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # (B, T)
     Pc = P[:, None]
 
+    qg = q.reshape(B, T, K, G, H)
+    if flat:
+        # qx[b, (k, h), (j, g, t)] = q[b, t, j·G + g, h] if k == j else 0
+        qt = jnp.transpose(qg, (0, 4, 2, 3, 1))  # (B, H, K, G, T)
+        diag = jnp.eye(K, dtype=bool)[None, :, None, :, None, None]
+        qx = jnp.where(diag, qt[:, None], jnp.zeros((), cdt)).reshape(B, K * H, Y)
+        Z = K * Hv
+    else:
+        qx = qg
+        Z = Hv
+
+    # A cache stored below the compute dtype (bfloat16, float16) is carried through the loop
+    # behind an optimization barrier: otherwise XLA:CPU (which has no bfloat16 dynamic-slice)
+    # converts the whole cache to float32 before the loop, every step.
+    carry_cache = jnp.dtype(key.dtype) != cdt or jnp.dtype(value.dtype) != cdt
+    kf, vf = key, value  # sliced 4-d and reshaped per chunk (a reshape here would make XLA
+    # duplicate the in-place scatter that produced them, and copy the cache)
+
     def body(c, carry):
+        if carry_cache:
+            m, den, acc, kf_, vf_ = carry
+            kf_, vf_ = lax.optimization_barrier((kf_, vf_))
+        else:
+            (m, den, acc), kf_, vf_ = carry, kf, vf
         start = jnp.minimum(c * C, L - C)  # the last chunk overlaps the previous one
-        kb = lax.dynamic_slice_in_dim(key, start, C, axis=1)  # (B, C, K, H)
-        vb = lax.dynamic_slice_in_dim(value, start, C, axis=1)
+        kb = lax.dynamic_slice_in_dim(kf_, start, C, axis=1).astype(cdt).reshape(B, C, K * H)
+        vb = lax.dynamic_slice_in_dim(vf_, start, C, axis=1).astype(cdt).reshape(B, C, K * Hv)
+        if flat:
+            s = jnp.einsum("bcx,bxy->bcy", kb, qx, preferred_element_type=cdt,
+                           precision=precision)
+        else:
+            s = jnp.einsum("btkgh,bckh->bckgt", qx, kb.reshape(B, C, K, H),
+                           preferred_element_type=cdt, precision=precision).reshape(B, C, Y)
+        if logits_soft_cap is not None:
+            cap = jnp.asarray(logits_soft_cap, cdt)
+            s = cap * jnp.tanh(s / cap)
         slots = start + jnp.arange(C, dtype=jnp.int32)
         if ring:
             # the slot holds its newest position < P_end; those >= P are this step's tokens
@@ -189,10 +265,72 @@ def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
             pos = jnp.broadcast_to(slots[None, :], (B, C))
             valid = pos < Pc
         valid = valid & (slots >= c * C)[None, :]  # overlap of the last chunk: counted already
-        return _block_update(carry, qg, kb, vb, _visible(pos, valid, qpos, window_left),
-                             logits_soft_cap, precision)
+        vis = jnp.swapaxes(_visible(pos, valid, qpos, window_left), 1, 2)  # (B, C, T or 1)
+        s = jnp.where(vis[:, :, None, :], s.reshape(B, C, K * G, T), -jnp.inf).reshape(B, C, Y)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_use[:, None, :])
+        alpha = jnp.exp(m - m_use)
+        den = den * alpha + jnp.sum(p, axis=1)
+        if flat:
+            pv = jnp.einsum("bcy,bcz->byz", p, vb, preferred_element_type=cdt,
+                            precision=precision)
+        else:
+            pv = jnp.einsum("bckz,bckh->bkzh", p.reshape(B, C, K, G * T),
+                            vb.reshape(B, C, K, Hv), preferred_element_type=cdt,
+                            precision=precision).reshape(B, Y, Hv)
+        out = (m_new, den, acc * alpha[..., None] + pv)
+        return out + (kf_, vf_) if carry_cache else out
 
-    return lax.fori_loop(lo, hi, body, carry)
+    init = (jnp.full((B, Y), -jnp.inf, cdt), jnp.zeros((B, Y), cdt), jnp.zeros((B, Y, Z), cdt))
+    if carry_cache:
+        m, den, acc, key, value = lax.fori_loop(lo, hi, body, init + (kf, vf))
+    else:
+        m, den, acc = lax.fori_loop(lo, hi, body, init)
+    if flat:
+        # keep the diagonal blocks: query column (k, g, t) with value head k
+        acc = jnp.diagonal(acc.reshape(B, K, G, T, K, Hv), axis1=1, axis2=4)  # (B,G,T,Hv,K)
+        acc = jnp.moveaxis(acc, -1, 1)  # (B, K, G, T, Hv)
+    acc = acc.reshape(B, K, G, T, Hv)
+    den = den.reshape(B, K, G, T)
+    m = m.reshape(B, K, G, T)
+    out, lse = _finish((m, den, acc))
+    return out.reshape(B, T, N, Hv), lse.reshape(B, T, N), key, value
+
+
+_NARROW_TOKEN_WRITES = 8
+
+
+def _write(buf, new, idx):
+    """``buf (B, L, K, H)`` with ``new (B, T, K, H)`` written at slots ``idx (B, T)`` (``L``:
+    dropped), in place when ``buf`` is donated.
+
+    One scatter for float32/float64 buffers. XLA:CPU has no bfloat16/float16 scatter: it
+    converts the whole cache to float32, scatters and converts back (temp memory O(L)). For at
+    most ``_NARROW_TOKEN_WRITES`` tokens a narrower buffer is instead written token by token
+    with ``dynamic_update_slice`` (dropped tokens skipped with ``lax.cond``): no temp memory,
+    but XLA:CPU still rewrites the whole buffer once per token (its bf16 update-slice is
+    converted too); measured about as fast as the scatter at 8 tokens, so beyond that the
+    scatter is used.
+    """
+    B, T = idx.shape
+    L = buf.shape[1]
+    new = new.astype(buf.dtype)
+    if jnp.dtype(buf.dtype).itemsize >= 4 or B * T > _NARROW_TOKEN_WRITES:
+        rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+        return buf.at[rows, idx].set(new, mode="drop")
+
+    def body(i, buf):
+        b, t = i // T, i % T
+        slot = idx[b, t]
+        tok = lax.dynamic_slice(new, (b, t, 0, 0), (1, 1) + new.shape[2:])
+        zero = jnp.zeros((), jnp.int32)
+        return lax.cond(
+            slot < L,
+            lambda buf: lax.dynamic_update_slice(buf, tok, (b, slot, zero, zero)),
+            lambda buf: buf, buf)
+
+    return lax.fori_loop(jnp.int32(0), jnp.int32(B * T), body, buf)
 
 
 def _finish(carry):
@@ -248,8 +386,9 @@ def cached_attention(
       logits_soft_cap: as in :func:`attnjax.dot_product_attention`.
       implementation: core implementation for the new-token part (``None`` = auto).
       chunk_size: a :class:`attnjax.ChunkSize`/int/pair; its ``key`` size is the number of
-        cache slots read per chunk (default 1024 when ``None``) and both sizes drive the core
-        for the new-token part.
+        cache slots read per chunk (when ``None``: a power of two sized so that a chunk's keys
+        and values take about 4 MiB, e.g. 1024 slots for B=1, K=8, H=64 in float32) and both
+        sizes drive the core for the new-token part.
       precision: matmul precision.
 
     Returns:
@@ -328,22 +467,20 @@ def cached_attention(
                 )
 
     chunks = as_chunk_size(chunk_size)
-    decode_chunk = DEFAULT_DECODE_CHUNK if chunk_size is None else chunks.key
     if scale is None:
         scale = 1.0 / math.sqrt(H)
 
     G = N // K
-    Hv = cache.value.shape[-1]
-    qg = (query.astype(_F32) * _F32(scale)).reshape(B, T, K, G, H)
+    cdt = compute_dtype(jnp.result_type(query.dtype, key.dtype, value.dtype, cache.key.dtype,
+                                        cache.value.dtype))
+    decode_chunk = (default_decode_chunk(B, K, H, Hv, jnp.dtype(cdt).itemsize)
+                    if chunk_size is None else chunks.key)
+    qs = query.astype(cdt) * jnp.asarray(scale, cdt)  # scaled queries in the compute dtype
     qpos = P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
     pos_new = P[:, None] + t  # (B, T)
     rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
-    carry = (
-        jnp.full((B, K, G, T), -jnp.inf, _F32),
-        jnp.zeros((B, K, G, T), _F32),
-        jnp.zeros((B, K, G, T, Hv), _F32),
-    )
+    parts = []  # partial (out (B, T, N, Hv), lse (B, T, N)) over disjoint key sets
 
     # 1. Ring buffer, multi-token step: the old entries this step overwrites (still visible to
     #    its earlier queries) are gathered first (T slots) and attended to separately. XLA then
@@ -358,8 +495,16 @@ def cached_attention(
         ve = cache.value[rows[:, :E], slot_e]
         pos_e = pos_new[:, :E] - L
         valid_e = (pos_e >= 0) & ((n[:, None] >= L) | (te < n[:, None]))
-        carry = _block_update(carry, qg, ke, ve, _visible(pos_e, valid_e, qpos, window_left),
-                              logits_soft_cap, precision)
+        carry = (
+            jnp.full((B, K, G, T), -jnp.inf, cdt),
+            jnp.zeros((B, K, G, T), cdt),
+            jnp.zeros((B, K, G, T, Hv), cdt),
+        )
+        carry = _block_update(carry, qs.reshape(B, T, K, G, H), ke, ve,
+                              _visible(pos_e, valid_e, qpos, window_left), logits_soft_cap,
+                              precision)
+        o_e, lse_e = _finish(carry)
+        parts.append((o_e.reshape(B, T, N, Hv), lse_e.reshape(B, T, N)))
 
     # 2. Write the valid new tokens into their slots first (out-of-range indices are dropped):
     #    writing before reading lets XLA update a donated cache in place, with no copy.
@@ -368,20 +513,18 @@ def cached_attention(
         idx = jnp.where(keep, jnp.mod(pos_new, L), L)
     else:
         idx = jnp.where(t < n[:, None], pos_new, L)
-    new_key = cache.key.at[rows, idx].set(key.astype(cache.key.dtype), mode="drop")
-    new_value = cache.value.at[rows, idx].set(value.astype(cache.value.dtype), mode="drop")
+    new_key = _write(cache.key, key, idx)
+    new_value = _write(cache.value, value, idx)
 
     # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
-    carry = _attend_cache(qg, new_key, new_value, P, P + n, window_left, ring, decode_chunk,
-                          logits_soft_cap, precision, carry)
-    o_old, lse_old = _finish(carry)
-    o_old = o_old.reshape(B, T, N, Hv)
-    lse_old = lse_old.reshape(B, T, N)
+    o_old, lse_old, new_key, new_value = _attend_cache(
+        qs, new_key, new_value, P, P + n, window_left, ring, decode_chunk, logits_soft_cap,
+        precision)
+    parts.append((o_old, lse_old))
 
-    # 4. Causal attention over the T new tokens, through the core, in float32 (T-sized).
-    up = (lambda x: x.astype(_F32)) if jnp.dtype(query.dtype).itemsize < 4 else (lambda x: x)
+    # 4. Causal attention over the T new tokens, through the core, in the compute dtype.
     o_new, lse_new = dot_product_attention(
-        up(query), up(key), up(value), scale=scale, is_causal=True,
+        query.astype(cdt), key.astype(cdt), value.astype(cdt), scale=scale, is_causal=True,
         local_window_size=None if window_left is None else (window_left, 0),
         key_value_seq_lengths=None if query_seq_lengths is None else n,
         logits_soft_cap=logits_soft_cap, implementation=implementation,
@@ -389,7 +532,9 @@ def cached_attention(
     )
 
     # 5. Exact merge by log-sum-exp.
-    out, _ = merge_partials(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
+    out, lse = o_new.astype(cdt), lse_new.astype(cdt)
+    for o_p, lse_p in parts:
+        out, lse = merge_partials(o_p, lse_p, out, lse)
     row_ok = t < n[:, None]  # (B, T)
     out = jnp.where(row_ok[..., None, None], out, 0.0)
     if overflow is not None:
