@@ -14,9 +14,10 @@ from attnjax._src import dropout as dropout_lib
 from attnjax._src.chunked import attention_chunked
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo, to_grouped
+from attnjax._src.pallas_gpu import attention_pallas_gpu
 from attnjax._src.xla import attention_xla
 
-IMPLEMENTATIONS = ("xla", "xla_chunked")
+IMPLEMENTATIONS = ("xla", "xla_chunked", "pallas_gpu")
 
 # implementation=None picks "xla" while the full score tensor B·N·T·S stays at most this many
 # elements (16 MiB of float32), and "xla_chunked" beyond.
@@ -377,6 +378,10 @@ def dot_product_attention(
                   seed=seed, precision=precision)
     if implementation == "xla":
         out, lse = attention_xla(query, key, value, bias, info, **common)
+    elif implementation == "pallas_gpu":
+        _reject_forward_mode(implementation, query, key, value, bias)
+        out, lse = attention_pallas_gpu(query, key, value, bias5, info, block_sizes=chunk_size,
+                                        **common)
     else:
         _reject_forward_mode(implementation, query, key, value, bias, logits_soft_cap)
         cq, ck = chunks.resolve(T, S)
