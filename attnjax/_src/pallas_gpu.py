@@ -339,7 +339,7 @@ def _keep(cfg: _Cfg, seed_bits, b, n, qpos, kpos):
 
 
 def _dot(a, b, cfg: _Cfg, trans_a=False, trans_b=False):
-    return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=cfg.precision)
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=cfg.precision)
 
 
 def _iota(n: int, axis: int):
