@@ -157,7 +157,7 @@ BAD = [
         "implementation",
         dict(implementation="cudnn"),
         ValueError,
-        r"implementation must be one of \('xla', 'xla_chunked'\) or None, got 'cudnn'",
+        r"implementation must be one of \('xla', 'xla_chunked', 'pallas_gpu'\) or None, got 'cudnn'",
     ),
     (
         "chunk_zero",

@@ -33,13 +33,14 @@ PALLAS = dict(implementation="pallas_gpu", chunk_size=16)
 # values computed are the same.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-DEFAULT_F32 = ["combined", "mqa", "value_head_dim", "bias_broadcast", "head_dim_odd"]
+DEFAULT_F32 = ["combined", "mqa", "value_head_dim", "head_dim_odd"]
 DEFAULT_LOW = [("combined", jnp.bfloat16)]
 CASE = {c.name: c for c in ta.CASES}
 
 
-def _run(case: ta.Case, dtype, data, impl_kw=PALLAS):
-    """Like ``tests.test_attention._run`` (forward + VJP under one jit), interpreted."""
+def _run(case: ta.Case, dtype, data, impl_kw=PALLAS, interpret: bool = True):
+    """Like ``tests.test_attention._run`` (forward + VJP under one jit), interpreted unless
+    ``interpret=False`` (compiled Triton kernels, on a GPU)."""
     lib = {**data["lib"], **impl_kw}
     arrays = [jnp.asarray(data[n], dtype) for n in ("q", "k", "v")]
     has_bias = data["bias"] is not None
@@ -60,8 +61,11 @@ def _run(case: ta.Case, dtype, data, impl_kw=PALLAS):
         (out, lse), vjp = jax.vjp(f, *xs)
         return out, lse, vjp((dout, jnp.zeros_like(lse)))
 
-    with attnjax.pallas_interpret():
-        out, lse, grads = jax.jit(fwd_bwd, compiler_options=_FAST_COMPILE)(arrays, dout)
+    if interpret:
+        with attnjax.pallas_interpret():
+            out, lse, grads = jax.jit(fwd_bwd, compiler_options=_FAST_COMPILE)(arrays, dout)
+    else:
+        out, lse, grads = jax.jit(fwd_bwd)(arrays, dout)
     to_np = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     out, lse, grads = to_np(out), to_np(lse), [to_np(g) for g in grads]
     if case.unbatched:
@@ -71,10 +75,10 @@ def _run(case: ta.Case, dtype, data, impl_kw=PALLAS):
     return out, lse, grads
 
 
-def _check(case: ta.Case, dtype):
+def _check(case: ta.Case, dtype, impl_kw=PALLAS, interpret: bool = True):
     """The assertions of ``tests.test_attention._check``, for the interpreted kernel."""
     data = ta._build(case, dtype)
-    out, lse, grads = _run(case, dtype, data)
+    out, lse, grads = _run(case, dtype, data, impl_kw, interpret)
     ftol, gtol = ta.TOLERANCES[dtype]
     chex.assert_shape(out, data["want_out"].shape)
     assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads if g is not None)
@@ -105,6 +109,13 @@ def test_table_subset_low_precision(name, dtype):
     _check(CASE[name], dtype)
 
 
+def test_table_subset_under_x64():
+    """Index arithmetic stays int32 with jax_enable_x64 on (float32 inputs; the dbias
+    reduction over broadcast dims)."""
+    with jax.enable_x64(True):
+        _check(CASE["bias_broadcast"], jnp.float32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in ta.CASES if c.name not in DEFAULT_F32
                                   and c.name != "empty_rows"],  # empty_rows: its own test below
@@ -120,6 +131,23 @@ def test_table_full_low_precision(name, dtype):
     if (name, dtype) in DEFAULT_LOW:
         pytest.skip("in the default run")
     _check(CASE[name], dtype)
+
+
+# On a GPU: the same table with the compiled Triton kernels (skipped elsewhere). This is the check
+# that the kernels compile past the lowering stage and compute the right numbers on hardware:
+#   python -m pytest tests/test_pallas_gpu.py -k on_gpu
+_ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@_ON_GPU
+@pytest.mark.parametrize("blocks", [16, None], ids=["blocks16", "default_blocks"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", ta.CASES, ids=lambda c: c.name)
+def test_table_on_gpu(case, dtype, blocks):
+    if dtype != jnp.float32 and case.name not in ta.LOW_PRECISION_CASES:
+        pytest.skip("low precision runs the low-precision subset, as in test_attention.py")
+    _check(case, dtype, dict(implementation="pallas_gpu", chunk_size=blocks), interpret=False)
 
 
 def test_fully_masked_rows_are_zero_with_zero_gradients():

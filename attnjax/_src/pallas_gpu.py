@@ -213,6 +213,15 @@ class _Cfg:
 # In-kernel mask logic (scalars per batch row; vectors of positions per block).
 
 
+def _div(a, b: int):
+    """``a // b`` for a non-negative int scalar ``a`` (in ``a``'s dtype, also under x64)."""
+    return lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def _rem(a, b: int):
+    return lax.rem(a, jnp.asarray(b, a.dtype))
+
+
 def _fdiv(a, b: int):
     """Floor division of an int32 scalar by a positive Python int (Triton-friendly)."""
     q = lax.div(a, jnp.int32(b))
@@ -564,7 +573,7 @@ def _dbias_kernel(*refs, cfg: _Cfg):
     Bb, Nb, Tb, Sb = cfg.bias_shape
     bq, bk = cfg.bq_dq, cfg.bk_dq
     it, js, bn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bb, nb = lax.div(bn, Nb), lax.rem(bn, Nb)
+    bb, nb = _div(bn, Nb), _rem(bn, Nb)
     # Loop extents: batch rows / heads / query blocks / key blocks summed into this tile.
     loop_b = B if (Bb == 1 and B > 1) else 1
     loop_n = N if (Nb == 1 and N > 1) else 1
@@ -574,12 +583,12 @@ def _dbias_kernel(*refs, cfg: _Cfg):
 
     def body(t, acc):
         r = t
-        kk = lax.rem(r, loop_k)
-        r = lax.div(r, loop_k)
-        qq = lax.rem(r, loop_q)
-        r = lax.div(r, loop_q)
-        nn = lax.rem(r, loop_n)
-        b_ = lax.div(r, loop_n)
+        kk = _rem(r, loop_k)
+        r = _div(r, loop_k)
+        qq = _rem(r, loop_q)
+        r = _div(r, loop_q)
+        nn = _rem(r, loop_n)
+        b_ = _div(r, loop_n)
         b = b_ if loop_b > 1 else bb
         n = nn if loop_n > 1 else nb
         i = qq if loop_q > 1 else it
@@ -589,7 +598,7 @@ def _dbias_kernel(*refs, cfg: _Cfg):
         q_sl, k_sl = pl.ds(qs, bq), pl.ds(ks, bk)
         qpos = qs + _iota(bq, 0)
         kpos = ks + _iota(bk, 1)
-        kh = lax.div(n, G)
+        kh = _div(n, G)
         q = q_ref[b, q_sl, n, :]
         k = k_ref[b, k_sl, kh, :]
         do = do_ref[b, q_sl, n, :]
@@ -676,8 +685,8 @@ def _fwd_call(cfg: _Cfg, q, k, v, row, extras):
     G, bq = cfg.G, cfg.bq
     specs = [
         pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, lax.div(n, G), 0)),
-        pl.BlockSpec((None, Sp, None, Hvp), lambda i, b, n: (b, 0, lax.div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, _div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, Hvp), lambda i, b, n: (b, 0, _div(n, G), 0)),
         pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
     ]
     xspecs, xargs = _extra_specs(cfg, extras, "q")
@@ -729,8 +738,8 @@ def _bwd_calls(cfg: _Cfg, q, k, v, row, extras, dout, lse, delta):
     cq = _with_bq(cfg, bq, cfg.bk_dq)
     specs = [
         pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, lax.div(n, G), 0)),
-        pl.BlockSpec((None, Sp, None, Hvp), lambda i, b, n: (b, 0, lax.div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, _div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, Hvp), lambda i, b, n: (b, 0, _div(n, G), 0)),
         pl.BlockSpec((None, bq, None, Hvp), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
         pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
@@ -760,7 +769,7 @@ def _bwd_calls(cfg: _Cfg, q, k, v, row, extras, dout, lse, delta):
             grid=(Tb // tq, Sb // tk, Bb * Nb),
             in_specs=[_full_spec(x) for x in args],
             out_specs=pl.BlockSpec((None, None, tq, tk),
-                                   lambda it, js, bn: (lax.div(bn, Nb), lax.rem(bn, Nb), it, js)),
+                                   lambda it, js, bn: (_div(bn, Nb), _rem(bn, Nb), it, js)),
             out_shape=jax.ShapeDtypeStruct(bias.shape, jnp.float32),
             compiler_params=cfg.params(fwd=False),
             interpret=cfg.interpret,
