@@ -181,6 +181,57 @@ def test_dropout_matches_xla_bit_for_bit_mask():
     assert np.abs(plain - out).max() > 0.1
 
 
+def test_segment_ids_skip_blocks_of_other_documents():
+    """Packed documents: key blocks that share no segment with a query block are never read.
+
+    Values of the last key block (all of document 2) are NaN: a query block of documents 0/1
+    that visited it would turn NaN (0 · NaN), even with every weight masked to zero. Those rows
+    must stay finite and exact (and so must their dq, which reads V through dO·Vᵀ)."""
+    rng = np.random.default_rng(4)
+    T = 64
+    q = jnp.asarray(rng.standard_normal((1, T, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, T, 1, 16)), jnp.float32) for _ in range(2))
+    ids = np.array([[0] * 16 + [1] * 24 + [2] * 24], np.int32)
+    v_nan = v.at[:, 48:].set(jnp.nan)
+    kw = dict(query_segment_ids=ids, key_value_segment_ids=ids)
+
+    def out_and_dq(impl_kw, v):
+        f = lambda q: attnjax.dot_product_attention(q, k, v, **kw, **impl_kw)
+        out, vjp = jax.vjp(f, q)
+        return out, vjp(jnp.ones_like(out))[0]
+
+    with attnjax.pallas_interpret():
+        out, dq = jax.jit(lambda v: out_and_dq(PALLAS, v), compiler_options=_FAST_COMPILE)(v_nan)
+    want_out, want_dq = jax.jit(lambda v: out_and_dq(dict(implementation="xla"), v))(v)
+    rows = slice(0, 32)  # query blocks 0 and 1: documents 0 and 1 only
+    for got, want in ((out, want_out), (dq, want_dq)):
+        got, want = np.asarray(got)[:, rows], np.asarray(want)[:, rows]
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert np.isnan(np.asarray(out)[:, 40:]).all()  # document 2 really reads the NaN values
+
+
+def test_lse_cotangent_matches_xla():
+    """The log-sum-exp is differentiable (its cotangent folds into delta): what sinks and
+    split-K merges build on. Loss uses the output and the (finite) lse; GQA, causal, lengths."""
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((2, 19, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 23, 2, 16)), jnp.float32) for _ in range(2))
+    kw = dict(is_causal=True, key_value_seq_lengths=np.array([23, 0], np.int32))
+
+    def loss(impl_kw, q, k, v):
+        out, lse = attnjax.dot_product_attention(q, k, v, return_residual=True, **kw, **impl_kw)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) ** 2)
+
+    with attnjax.pallas_interpret():
+        got = jax.jit(jax.grad(lambda *x: loss(PALLAS, *x), argnums=(0, 1, 2)),
+                      compiler_options=_FAST_COMPILE)(q, k, v)
+    want = jax.jit(jax.grad(lambda *x: loss(dict(implementation="xla"), *x),
+                            argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-5, rtol=3e-5)
+
+
 def test_default_block_sizes():
     """Default (table) block sizes (chunk_size=None), a sequence shorter than one block."""
     rng = np.random.default_rng(3)

@@ -33,20 +33,31 @@ dropped.
 Dropout regenerates the keep-mask of :mod:`attnjax._src.dropout` (the same bits as every other
 implementation) from ``(seed, b, n, i, j)`` inside each kernel.
 
-Extension points (for ``mask_mod`` / ``score_mod`` / sinks / ``BlockMask``):
+Segment ids (packed documents): per-block ``(min, max)`` ids (:func:`_seg_ranges`, O(T/block)
+memory) let every inner loop skip the blocks that share no segment with the program's block and
+run blocks of one single shared segment unmasked (:func:`_run_ranges`, a ``lax.switch`` per
+block), so packed-sequence attention costs about the sum of the documents' squares.
 
-* a ``mask_mod(b, n, q_idx, kv_idx) -> bool`` is one more conjunct in :func:`_visible` (it gets
-  the ``(block_q, 1)`` / ``(1, block_k)`` position vectors the other masks use), and forces the
-  masked path (like segment ids do, ``_Cfg.always_masked``);
-* a ``score_mod`` applies in :func:`_logits` after the soft cap (its VJP, taken with ``jax.vjp``
-  inside the kernel, multiplies ``dz`` in :func:`_tile_grads`; the arrays it closes over become
-  kernel operands, and their gradients an extra reduction like :func:`_dbias_kernel`);
-* sinks add ``exp(sink_n - m)`` to the softmax denominator: one term in the final ``l`` of
-  :func:`_fwd_kernel` (and so in ``lse``; the backward needs no change but ``d sink = -sum(p_sink·
-  delta)``, computable from ``lse`` and ``delta`` outside the kernels);
-* a ``BlockMask`` replaces :func:`_key_ranges` / :func:`_query_ranges`: pass its per-query-block
-  lists of key blocks (and fully visible flags) as small int32 operands indexed by program id,
-  and loop over the list instead of ``[lo, hi)``.
+Extension points (``mask_mod`` / ``score_mod`` / sinks / ``BlockMask`` of the flexible-attention
+issue, not in this module yet):
+
+* ``mask_mod(b, h, q_idx, kv_idx) -> bool`` is one more conjunct in :func:`_visible`, called with
+  the program's ``b``, ``n`` and the ``(block_q, 1)`` / ``(1, block_k)`` position vectors already
+  there; it makes every block "partial" unless a block table says otherwise.
+* ``score_mod(score, b, h, q_idx, kv_idx)`` applies in :func:`_logits` after the soft cap and
+  before the bias; in :func:`_tile_grads` ``ds`` is multiplied by its derivative (``jax.vjp`` of
+  the mod on the block, traced into the kernel). Arrays it closes over (``flex.hoist``) become
+  whole-array operands (like the dbias pass's inputs) loaded in the kernel and substituted by
+  ``flex.call_mod``; their gradients need one more reduction pass like :func:`_dbias_kernel`.
+  Caveat for Triton: a mod that gathers from such an array by a traced index (``slopes[h]``,
+  ``doc_ids[q_idx]``) lowers in interpret mode but needs a ref load instead of a value gather
+  to lower for GPU.
+* Sinks need nothing here: ``flex.apply_sinks`` rescales ``(out, lse)`` outside the kernel, and
+  the kernel's log-sum-exp is differentiable (its cotangent folds into ``delta``).
+* A ``BlockMask`` (flex's per-(query block, key block) classes EMPTY / PARTIAL / FULL) becomes an
+  int32 ``(nq, nk)`` operand per kernel block size, read like the segment ranges: its class of
+  block ``(i, j)`` is the index of the ``lax.switch`` in :func:`_run_ranges` (skip / masked /
+  unmasked), combined with the positional ranges.
 """
 
 from __future__ import annotations
@@ -196,12 +207,12 @@ class _Cfg:
 
     @property
     def always_masked(self) -> bool:
-        """Masks that can hide any entry of a block (no fully visible blocks to skip them on)."""
-        return self.has_seg or self.mask_shape is not None
+        """A dense mask can hide any entry of any block: no block is known to be fully visible."""
+        return self.mask_shape is not None
 
     @property
     def trivial(self) -> bool:
-        return not (self.positional or self.always_masked)
+        return not (self.positional or self.has_seg or self.always_masked)
 
     def params(self, fwd: bool):
         if fwd:
@@ -356,16 +367,55 @@ def _iota(n: int, axis: int):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _run_ranges(cfg: _Cfg, ranges, make_body, carry, n_blocks: int):
-    """Loop ``make_body(masked)`` over the block ranges: masked edges, unmasked middle."""
+def _run_ranges(cfg: _Cfg, ranges, make_body, carry, n_blocks: int, seg_class=None):
+    """Loop ``make_body(masked)`` over the block ranges: masked edges, unmasked middle.
+
+    ``seg_class(j) -> (empty, full)``: with segment ids, whether inner block ``j`` shares no
+    segment with this program's block (skipped) or both are one and the same segment (then a
+    positionally full block needs no mask at all)."""
     if cfg.trivial:
         return lax.fori_loop(0, n_blocks, make_body(False), carry)
+    masked_body, plain_body = make_body(True), make_body(False)
+    masked, plain = masked_body, plain_body
+    if seg_class is not None:
+        i32 = jnp.int32
+        skip = lambda j, c: c
+
+        def masked_seg(j, c):
+            empty, _ = seg_class(j)
+            return lax.switch(jnp.where(empty, i32(0), i32(1)), (skip, masked_body), j, c)
+
+        def plain_seg(j, c):
+            empty, full = seg_class(j)
+            idx = jnp.where(empty, i32(0), jnp.where(full, i32(2), i32(1)))
+            return lax.switch(idx, (skip, masked_body, plain_body), j, c)
+
+        masked, plain = masked_seg, plain_seg
     lo, flo, fhi, hi = ranges
     if cfg.always_masked:
-        return lax.fori_loop(lo, hi, make_body(True), carry)
-    carry = lax.fori_loop(lo, flo, make_body(True), carry)
-    carry = lax.fori_loop(flo, fhi, make_body(False), carry)
-    return lax.fori_loop(fhi, hi, make_body(True), carry)
+        return lax.fori_loop(lo, hi, masked, carry)
+    carry = lax.fori_loop(lo, flo, masked, carry)
+    carry = lax.fori_loop(flo, fhi, plain, carry)
+    return lax.fori_loop(fhi, hi, masked, carry)
+
+
+def _seg_class_fn(own_min, own_max, other_ref):
+    """``seg_class`` for :func:`_run_ranges`: ``other_ref (2, n)`` holds per-block min/max ids."""
+
+    def seg_class(j):
+        omin, omax = other_ref[0, j], other_ref[1, j]
+        empty = (omax < own_min) | (omin > own_max)
+        full = (own_min == own_max) & (omin == omax) & (own_min == omin)
+        return empty, full
+
+    return seg_class
+
+
+def _seg_ranges(seg, block: int):
+    """Per-block ``(min, max)`` segment ids: ``(B, L)`` -> ``(B, 2, L / block)`` int32."""
+    B, L = seg.shape
+    s = seg.reshape(B, L // block, block)
+    return jnp.stack([jnp.min(s, axis=-1), jnp.max(s, axis=-1)], axis=1)
 
 
 def _tile_grads(cfg: _Cfg, s, lse, delta, dp, bias_blk, vis, keep):
@@ -389,17 +439,24 @@ def _tile_grads(cfg: _Cfg, s, lse, delta, dp, bias_blk, vis, keep):
     return pd, dz, ds
 
 
-def _split_refs(cfg: _Cfg, refs, n_fixed: int):
-    """Split kernel refs into fixed ones, (qseg, kseg), mask, bias, and the outputs."""
+def _split_refs(cfg: _Cfg, refs, n_fixed: int, seg_ranges: bool = True):
+    """Split kernel refs into fixed ones, (qseg, kseg), mask, bias, and the outputs; with
+    ``seg_ranges`` the per-block segment ranges (qr, kr) follow the segment ids."""
     refs = list(refs)
     fixed, rest = refs[:n_fixed], refs[n_fixed:]
     qseg = kseg = mask = bias = None
+    ranges = (None, None)
     if cfg.has_seg:
         qseg, kseg, *rest = rest
+        if seg_ranges:
+            ranges = tuple(rest[:2])
+            rest = rest[2:]
     if cfg.mask_shape is not None:
         mask, *rest = rest
     if cfg.bias_shape is not None:
         bias, *rest = rest
+    if seg_ranges:
+        return fixed, (qseg, *ranges), kseg, mask, bias, rest
     return fixed, qseg, kseg, mask, bias, rest
 
 
@@ -415,8 +472,8 @@ def _qk_tile(ref, shape, q_sl, k_sl, lead=()):
 
 
 def _fwd_kernel(*refs, cfg: _Cfg):
-    (q_ref, k_ref, v_ref, row_ref), qseg_ref, kseg_ref, mask_ref, bias_ref, (o_ref, lse_ref) = (
-        _split_refs(cfg, refs, 4))
+    (q_ref, k_ref, v_ref, row_ref), (qseg_ref, qr_ref, kr_ref), kseg_ref, mask_ref, bias_ref, \
+        (o_ref, lse_ref) = _split_refs(cfg, refs, 4)
     bq, bk = cfg.bq, cfg.bk
     nk = cfg.Sp // bk
     i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -460,15 +517,16 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     carry = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
              jnp.zeros((bq, hv), jnp.float32))
     ranges = None if cfg.trivial else _key_ranges(cfg, q_start, bq, bk, nk, off, qlen, kvlen)
-    m, l, acc = _run_ranges(cfg, ranges, make_body, carry, nk)
+    seg_class = None if qr_ref is None else _seg_class_fn(qr_ref[0, i], qr_ref[1, i], kr_ref)
+    m, l, acc = _run_ranges(cfg, ranges, make_body, carry, nk, seg_class)
     safe = jnp.where(l > 0.0, l, 1.0)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(safe), -jnp.inf)
 
 
 def _dkv_kernel(*refs, cfg: _Cfg):
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), qseg_ref, kseg_ref, mask_ref, \
-        bias_ref, (dk_ref, dv_ref) = _split_refs(cfg, refs, 7)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), (qseg_ref, qr_ref, kr_ref), \
+        kseg_ref, mask_ref, bias_ref, (dk_ref, dv_ref) = _split_refs(cfg, refs, 7)
     bq, bk, G = cfg.bq_dkv, cfg.bk_dkv, cfg.G
     nq = cfg.Tp // bq
     j, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -510,9 +568,10 @@ def _dkv_kernel(*refs, cfg: _Cfg):
 
             return body
 
-        return _run_ranges(cfg, ranges, make_body, carry, nq)
+        return _run_ranges(cfg, ranges, make_body, carry, nq, seg_class)
 
     ranges = None if cfg.trivial else _query_ranges(cfg, k_start, bk, bq, nq, off, qlen, kvlen)
+    seg_class = None if kr_ref is None else _seg_class_fn(kr_ref[0, j], kr_ref[1, j], qr_ref)
     carry = (jnp.zeros((bk, dk_ref.shape[-1]), jnp.float32),
              jnp.zeros((bk, dv_ref.shape[-1]), jnp.float32))
     if G == 1:
@@ -524,8 +583,8 @@ def _dkv_kernel(*refs, cfg: _Cfg):
 
 
 def _dq_kernel(*refs, cfg: _Cfg):
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), qseg_ref, kseg_ref, mask_ref, \
-        bias_ref, (dq_ref,) = _split_refs(cfg, refs, 7)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), (qseg_ref, qr_ref, kr_ref), \
+        kseg_ref, mask_ref, bias_ref, (dq_ref,) = _split_refs(cfg, refs, 7)
     bq, bk = cfg.bq_dq, cfg.bk_dq
     nk = cfg.Sp // bk
     i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -561,14 +620,16 @@ def _dq_kernel(*refs, cfg: _Cfg):
         return body
 
     ranges = None if cfg.trivial else _key_ranges(cfg, q_start, bq, bk, nk, off, qlen, kvlen)
-    dq = _run_ranges(cfg, ranges, make_body, jnp.zeros((bq, dq_ref.shape[-1]), jnp.float32), nk)
+    seg_class = None if qr_ref is None else _seg_class_fn(qr_ref[0, i], qr_ref[1, i], kr_ref)
+    dq = _run_ranges(cfg, ranges, make_body, jnp.zeros((bq, dq_ref.shape[-1]), jnp.float32), nk,
+                     seg_class)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dbias_kernel(*refs, cfg: _Cfg):
     """One ``(tq, tk)`` tile of dbias, summed over the bias's broadcast dims (whole-array refs)."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), qseg_ref, kseg_ref, mask_ref, \
-        bias_ref, (db_ref,) = _split_refs(cfg, refs, 7)
+        bias_ref, (db_ref,) = _split_refs(cfg, refs, 7, seg_ranges=False)
     B, N, G = cfg.B, cfg.N, cfg.G
     Bb, Nb, Tb, Sb = cfg.bias_shape
     bq, bk = cfg.bq_dq, cfg.bk_dq
@@ -645,14 +706,19 @@ def _extra_specs(cfg: _Cfg, extras, kind: str):
     specs, args = [], []
     bq = cfg.bq
     if cfg.has_seg:
+        # The ids, then per-block (min, max) ids of the program's and the inner loop's blocks.
         if kind == "q":
+            bk = cfg.bk
             specs += [pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
                       pl.BlockSpec((None, cfg.Sp), lambda i, b, n: (b, 0))]
         else:
-            bk = cfg.bk_dkv
+            bq, bk = cfg.bq_dkv, cfg.bk_dkv
             specs += [pl.BlockSpec((None, cfg.Tp), lambda j, b, h: (b, 0)),
                       pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
-        args += [qseg, kseg]
+        qr, kr = _seg_ranges(qseg, bq), _seg_ranges(kseg, bk)
+        specs += [pl.BlockSpec((None, 2, qr.shape[-1]), lambda x, b, y: (b, 0, 0)),
+                  pl.BlockSpec((None, 2, kr.shape[-1]), lambda x, b, y: (b, 0, 0))]
+        args += [qseg, kseg, qr, kr]
     for x in (mask, bias):
         if x is None:
             continue
@@ -917,8 +983,10 @@ def attention_pallas_gpu(q, k, v, bias5, info: MaskInfo, *, scale: float, logits
 
     qseg = kseg = None
     if info.q_segment_ids is not None:
-        qseg = _pad(info.q_segment_ids[:, :T].astype(i32), 1, Tp)
-        kseg = _pad(info.kv_segment_ids[:, :S].astype(i32), 1, Sp)
+        # Edge padding: padded positions repeat the last id, so that they do not widen the
+        # per-block id ranges used for block skipping (padded keys are masked anyway).
+        qseg = jnp.pad(info.q_segment_ids[:, :T].astype(i32), ((0, 0), (0, Tp - T)), mode="edge")
+        kseg = jnp.pad(info.kv_segment_ids[:, :S].astype(i32), ((0, 0), (0, Sp - S)), mode="edge")
 
     def heads4(x, pad_value):
         bx, kx, gx, tx, sx = x.shape
