@@ -14,6 +14,8 @@ Public API (import from here; ``attnjax._src`` is private and may change without
   (``MultiHeadDotProductAttention``): drop-in Flax modules.
 * :func:`ring_attention`, :func:`ring_attention_sharded`, :func:`zigzag_permute`,
   :func:`zigzag_unpermute`: exact attention over a sequence split across devices.
+* :func:`pallas_interpret`: run the Pallas kernels (``implementation="pallas_gpu"``) in Pallas
+  interpret mode, e.g. on CPU for testing.
 """
 
 from attnjax import linen as linen
@@ -25,6 +27,7 @@ from attnjax._src.config import ChunkSize as ChunkSize
 from attnjax._src.decode import KVCache as KVCache
 from attnjax._src.decode import cached_attention as cached_attention
 from attnjax._src.flax_fn import flax_attention_fn as flax_attention_fn
+from attnjax._src.pallas_config import pallas_interpret as pallas_interpret
 from attnjax._src.registry import target_platform as target_platform
 from attnjax._src.ring import ring_attention as ring_attention
 from attnjax._src.ring import ring_attention_sharded as ring_attention_sharded

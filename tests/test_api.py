@@ -157,7 +157,7 @@ BAD = [
         "implementation",
         dict(implementation="flash"),
         ValueError,
-        r"implementation must be one of \('xla', 'xla_chunked', 'cudnn', 'splash'\) or None, "
+        r"implementation must be one of \('xla', 'xla_chunked', 'cudnn', 'splash', 'pallas_gpu'\) or None, "
         r"got 'flash'",
     ),
     (

@@ -60,13 +60,17 @@ def test_cudnn_eligibility_table(kw, ok, words):
 
 @pytest.mark.parametrize("platform,kw,chosen", [
     ("cuda", dict(is_causal=True), "cudnn"),
-    ("cuda", dict(is_causal=True, dtype="float32"), "xla_chunked"),
-    ("cuda", dict(dtype="float32", q_len=16, kv_len=16), "xla"),
+    ("cuda", dict(is_causal=True, dtype="float32"), "pallas_gpu"),
+    ("cuda", dict(is_causal=True, segments=True), "pallas_gpu"),
+    ("cuda", dict(dtype="float64", q_len=16, kv_len=16), "xla"),
+    ("cuda", dict(dtype="float64"), "xla_chunked"),
+    ("cuda", dict(soft_cap=True, soft_cap_traced=True), "xla_chunked"),
     ("tpu", dict(is_causal=True, segments=True), "splash"),
     ("tpu", dict(bias=True), "xla_chunked"),
     ("cpu", dict(), "xla_chunked"),
     ("cpu", dict(q_len=16, kv_len=16), "xla"),
-    ("rocm", dict(is_causal=True), "xla_chunked"),
+    ("rocm", dict(is_causal=True), "pallas_gpu"),
+    ("cpu", dict(pallas_interpret=True), "xla_chunked"),
 ])
 def test_auto_order_per_platform(platform, kw, chosen):
     assert registry.select(_features(platform=platform, **kw), None).name == chosen
@@ -103,7 +107,7 @@ def test_explain_does_not_compute():
     assert report.chosen == "cudnn"
     with attnjax.target_platform("cuda"):
         report = attnjax.explain_dispatch(q, q, q, is_causal=True, query_offset=5)
-    assert report.chosen == "xla_chunked"
+    assert report.chosen == "pallas_gpu"  # cuDNN cannot express the offset; our kernel can
     assert "top-left" in dict((n, w) for n, _, w in report.rows)["cudnn"]
 
 

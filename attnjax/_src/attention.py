@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax._src import dropout as dropout_lib
-from attnjax._src import registry
+from attnjax._src import pallas_config, registry
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo, to_grouped
 from attnjax._src.registry import AUTO_MATERIALISE_MAX_SCORES as AUTO_MATERIALISE_MAX_SCORES
@@ -383,6 +383,7 @@ def dot_product_attention(
         soft_cap_traced=isinstance(logits_soft_cap, jax.core.Tracer | jax.Array),
         dropout=dropout_rate > 0.0,
         return_residual=bool(return_residual), precision=precision is not None,
+        pallas_interpret=pallas_config.interpret_enabled(),
     )
     capture = getattr(_explain_state, "capture", None)
     if capture is not None:
@@ -393,7 +394,7 @@ def dot_product_attention(
         query=query, key=key, value=value, bias=bias, mask=mask, q_lengths=q_lens,
         kv_lengths=kv_lens, q_segment_ids=q_seg, kv_segment_ids=kv_seg, offset=offset, info=info,
         scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=float(dropout_rate), seed=seed,
-        precision=precision, chunks=chunks, features=features,
+        precision=precision, chunks=chunks, features=features, chunk_size=chunk_size,
     )
     if not impl.forward_mode:
         _reject_forward_mode(impl.name, query, key, value, bias, logits_soft_cap)

@@ -24,8 +24,8 @@ from attnjax._src.masks import MaskInfo
 
 # implementation=None: the order tried on each platform ("cuda"/"rocm" are GPUs).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("cudnn", "xla", "xla_chunked"),
-    "rocm": ("xla", "xla_chunked"),
+    "cuda": ("cudnn", "pallas_gpu", "xla", "xla_chunked"),
+    "rocm": ("pallas_gpu", "xla", "xla_chunked"),
     "tpu": ("splash", "xla", "xla_chunked"),
     "cpu": ("xla", "xla_chunked"),
 }
@@ -59,6 +59,7 @@ class CallFeatures:
       dropout: ``dropout_rate > 0``.
       return_residual: the log-sum-exp is returned (and may be differentiated).
       precision: an explicit matmul ``precision`` was given.
+      pallas_interpret: inside :func:`attnjax.pallas_interpret` (Pallas GPU kernels interpreted).
     """
 
     platform: str
@@ -86,6 +87,7 @@ class CallFeatures:
     dropout: bool = False
     return_residual: bool = False
     precision: bool = False
+    pallas_interpret: bool = False
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
@@ -129,6 +131,7 @@ class Call:
     precision: Any
     chunks: Any
     features: CallFeatures
+    chunk_size: Any = None  # the caller's chunk_size argument as given (None: default)
 
 
 class Implementation:
@@ -226,13 +229,14 @@ _REGISTRY: dict[str, Implementation] = {}
 
 def _load() -> dict[str, Implementation]:
     if not _REGISTRY:
-        from attnjax._src import impl_cudnn, impl_splash, impl_xla
+        from attnjax._src import impl_cudnn, impl_pallas_gpu, impl_splash, impl_xla
 
         for impl in (
             impl_xla.XLA(),
             impl_xla.XLAChunked(),
             impl_cudnn.CuDNN(),
             impl_splash.Splash(),
+            impl_pallas_gpu.PallasGPU(),
         ):
             _REGISTRY[impl.name] = impl
     return _REGISTRY

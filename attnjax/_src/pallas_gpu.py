@@ -1,0 +1,1022 @@
+"""attnjax's own fused GPU kernel in Pallas (Triton): ``implementation="pallas_gpu"``.
+
+FlashAttention-2 in Pallas, with the library's full mask semantics evaluated *inside* the kernel
+from positions, so calls that cuDNN cannot express (packed documents via segment ids, a soft cap,
+per-row ``query_offset``, dropout, float32, a dense boolean mask with any broadcast) still run as
+one fused kernel per pass instead of XLA's chain of per-block kernels.
+
+Shape letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
+H query/key head dim, Hv value head dim.
+
+Kernels (all race-free, no atomics):
+
+* **Forward** (:func:`_fwd_kernel`): grid ``(T / block_q, B, N)``; one program owns one block of
+  query rows of one head and loops over only the key blocks that the masks leave visible
+  (:func:`_key_ranges`, the same rules as :meth:`MaskInfo.key_block_ranges`, evaluated per batch
+  row from the program ids), split into masked edge blocks and an unmasked fast path for blocks
+  that are fully visible. Online softmax in float32; writes ``out`` and the log-sum-exp.
+* **dK/dV** (:func:`_dkv_kernel`): grid ``(S / block_k, B, K)``; one program owns one block of
+  keys of one kv head, loops over the G query heads that share it and over the query blocks that
+  can see it (:func:`_query_ranges`), accumulating dK and dV in registers (GQA without copying
+  K/V, and without a separate sum over the group afterwards).
+* **dQ** (:func:`_dq_kernel`): grid ``(T / block_q, B, N)``, key blocks inner, like the forward.
+* **dbias** (:func:`_dbias_kernel`, only when a bias is given): one program per output tile of the
+  bias's own (possibly broadcast) shape, summing over the broadcast batch/head/query/key dims in a
+  loop, so the gradient of a ``(1, N, 1, S)`` bias never materialises ``B·N·T·S`` values. A simple
+  pass without block skipping.
+
+GQA: K/V blocks are indexed by ``head // G`` in the BlockSpec index maps (no copy). Inputs are
+padded to whole blocks (sequence dims) and to a power-of-two head dim (>= 16, as Triton's ``dot``
+needs); padded keys are masked inside the kernel, padded query rows and head-dim columns are
+dropped.
+
+Dropout regenerates the keep-mask of :mod:`attnjax._src.dropout` (the same bits as every other
+implementation) from ``(seed, b, n, i, j)`` inside each kernel.
+
+Segment ids (packed documents): per-block ``(min, max)`` ids (:func:`_seg_ranges`, O(T/block)
+memory) let every inner loop skip the blocks that share no segment with the program's block and
+run blocks of one single shared segment unmasked (:func:`_run_ranges`, a ``lax.switch`` per
+block), so packed-sequence attention costs about the sum of the documents' squares.
+
+Extension points (``mask_mod`` / ``score_mod`` / sinks / ``BlockMask`` of the flexible-attention
+issue, not in this module yet):
+
+* ``mask_mod(b, h, q_idx, kv_idx) -> bool`` is one more conjunct in :func:`_visible`, called with
+  the program's ``b``, ``n`` and the ``(block_q, 1)`` / ``(1, block_k)`` position vectors already
+  there; it makes every block "partial" unless a block table says otherwise.
+* ``score_mod(score, b, h, q_idx, kv_idx)`` applies in :func:`_logits` after the soft cap and
+  before the bias; in :func:`_tile_grads` ``ds`` is multiplied by its derivative (``jax.vjp`` of
+  the mod on the block, traced into the kernel). Arrays it closes over (``flex.hoist``) become
+  whole-array operands (like the dbias pass's inputs) loaded in the kernel and substituted by
+  ``flex.call_mod``; their gradients need one more reduction pass like :func:`_dbias_kernel`.
+  Caveat for Triton: a mod that gathers from such an array by a traced index (``slopes[h]``,
+  ``doc_ids[q_idx]``) lowers in interpret mode but needs a ref load instead of a value gather
+  to lower for GPU.
+* Sinks need nothing here: ``flex.apply_sinks`` rescales ``(out, lse)`` outside the kernel, and
+  the kernel's log-sum-exp is differentiable (its cotangent folds into ``delta``).
+* A ``BlockMask`` (flex's per-(query block, key block) classes EMPTY / PARTIAL / FULL) becomes an
+  int32 ``(nq, nk)`` operand per kernel block size, read like the segment ranges: its class of
+  block ``(i, j)`` is the index of the ``lax.switch`` in :func:`_run_ranges` (skip / masked /
+  unmasked), combined with the positional ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from attnjax._src import dropout as dropout_lib
+from attnjax._src import pallas_config
+from attnjax._src.config import as_chunk_size
+from attnjax._src.masks import MaskInfo
+
+MIN_BLOCK = 16  # Triton's dot needs every tile dim >= 16
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Block sizes.
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch settings of ``implementation="pallas_gpu"``.
+
+    Every block size is a power of two >= 16 (Triton tiles); a block longer than the (padded)
+    sequence is shrunk to it. Sequences are padded to whole blocks of the largest query (key)
+    block, so any length works.
+
+    Attributes:
+      block_q, block_k: query rows per program and keys per inner step of the forward kernel.
+      block_q_dkv, block_k_dkv: query rows per inner step and keys per program of the dK/dV kernel.
+      block_q_dq, block_k_dq: query rows per program and keys per inner step of the dQ (and dbias)
+        kernel.
+      num_warps, num_stages: Triton launch settings of the forward kernel.
+      num_warps_bwd, num_stages_bwd: the same for the backward kernels.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    block_q_dkv: int = 32
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"BlockSizes.{f.name} must be an int, got {val!r}")
+            if f.name.startswith("block_") and (val < MIN_BLOCK or not _is_pow2(val)):
+                raise ValueError(
+                    f"BlockSizes.{f.name} must be a power of two >= {MIN_BLOCK}, got {val}")
+            if f.name.startswith("num_warps") and val not in (1, 2, 4, 8, 16):
+                raise ValueError(f"BlockSizes.{f.name} must be 1, 2, 4, 8 or 16, got {val}")
+            if f.name.startswith("num_stages") and val < 1:
+                raise ValueError(f"BlockSizes.{f.name} must be >= 1, got {val}")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> BlockSizes:
+        """The default for a (padded) head dim: the first row of :data:`BLOCK_TABLE` that fits."""
+        for max_dim, sizes in BLOCK_TABLE:
+            if head_dim <= max_dim:
+                return sizes
+        raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM} is not supported by pallas_gpu")
+
+
+# Defaults per head dim. Where the numbers come from: jax's own Pallas Triton attention
+# (jax/experimental/pallas/ops/gpu/attention.py: forward 128 x 128, backward 32 x 32, 4 warps up to
+# head dim 64 and 8 beyond, 2 stages) and the Triton fused-attention tutorial (forward 128 x 64,
+# dK/dV with narrow query steps and wide key blocks, dQ the transpose), shrunk for head dim 256 so
+# that the K/V tiles and the float32 accumulators fit in shared memory and registers. They are a
+# starting point, NOT measured: the accelerator check has to time them on real GPUs and this
+# table should then be replaced by measured values.
+BLOCK_TABLE: tuple[tuple[int, BlockSizes], ...] = (
+    (64, BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=64, block_q_dq=64,
+                    block_k_dq=32, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
+    (128, BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=64, block_q_dq=64,
+                     block_k_dq=32, num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (256, BlockSizes(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
+                     block_k_dq=16, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Static configuration of one call.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    B: int
+    T: int
+    S: int
+    N: int
+    K: int
+    Tp: int  # padded lengths
+    Sp: int
+    scale: float
+    softcap: float | None
+    dropout_rate: float
+    causal: bool
+    window: tuple[int, int] | None
+    has_qlen: bool
+    kv_mask: bool  # hide keys >= kv_len[b] (lengths given, or padding added)
+    has_seg: bool
+    mask_shape: tuple[int, int, int, int] | None  # (Bm, Nm, Tm, Sm) of the padded int8 mask
+    bias_shape: tuple[int, int, int, int] | None  # (Bb, Nb, Tb, Sb) of the padded bias
+    bq: int
+    bk: int
+    bq_dkv: int
+    bk_dkv: int
+    bq_dq: int
+    bk_dq: int
+    num_warps: int
+    num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+    precision: Any
+    interpret: bool
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+    @property
+    def positional(self) -> bool:
+        return self.causal or self.window is not None or self.has_qlen or self.kv_mask
+
+    @property
+    def always_masked(self) -> bool:
+        """A dense mask can hide any entry of any block: no block is known to be fully visible."""
+        return self.mask_shape is not None
+
+    @property
+    def trivial(self) -> bool:
+        return not (self.positional or self.has_seg or self.always_masked)
+
+    def params(self, fwd: bool):
+        if fwd:
+            return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+        return plgpu.CompilerParams(num_warps=self.num_warps_bwd, num_stages=self.num_stages_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-kernel mask logic (scalars per batch row; vectors of positions per block).
+
+
+def _div(a, b: int):
+    """``a // b`` for a non-negative int scalar ``a`` (in ``a``'s dtype, also under x64)."""
+    return lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def _rem(a, b: int):
+    return lax.rem(a, jnp.asarray(b, a.dtype))
+
+
+def _fdiv(a, b: int):
+    """Floor division of an int32 scalar by a positive Python int (Triton-friendly)."""
+    q = lax.div(a, jnp.int32(b))
+    return jnp.where((a < 0) & (q * b != a), q - 1, q)
+
+
+def _cdiv(a, b: int):
+    return -_fdiv(-a, b)
+
+
+def _clamp(lo, flo, fhi, hi, n: int):
+    lo = jnp.clip(lo, 0, n)
+    hi = jnp.clip(hi, lo, n)
+    flo = jnp.clip(flo, lo, hi)
+    fhi = jnp.clip(fhi, flo, hi)
+    return lo, flo, fhi, hi
+
+
+def _key_ranges(cfg: _Cfg, q_start, bq: int, bk: int, nk: int, off, qlen, kvlen):
+    """Key blocks a query block needs, for one batch row: ``(lo, full_lo, full_hi, hi)``.
+
+    The rules of :meth:`MaskInfo.key_block_ranges` with this row's offset and lengths (so
+    ``min == max``); blocks in ``[full_lo, full_hi)`` are fully visible by the positional masks.
+    """
+    i32 = jnp.int32
+    q_last = q_start + (bq - 1)
+    lo, flo, fhi, hi = i32(0), i32(0), i32(nk), i32(nk)
+    if cfg.causal:
+        hi = jnp.minimum(hi, _fdiv(q_last + off, bk) + 1)
+        fhi = jnp.minimum(fhi, _fdiv(q_start + off + 1, bk))
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo = jnp.maximum(lo, _fdiv(q_start + off - left, bk))
+        hi = jnp.minimum(hi, _fdiv(q_last + off + right, bk) + 1)
+        flo = jnp.maximum(flo, _cdiv(q_last + off - left, bk))
+        fhi = jnp.minimum(fhi, _fdiv(q_start + off + right + 1, bk))
+    if cfg.kv_mask:
+        hi = jnp.minimum(hi, _cdiv(kvlen, bk))
+        fhi = jnp.minimum(fhi, _fdiv(kvlen, bk))
+    if cfg.has_qlen:
+        hi = jnp.where(q_start >= qlen, lo, hi)
+        fhi = jnp.where(q_start + bq <= qlen, fhi, flo)
+    return _clamp(lo, flo, fhi, hi, nk)
+
+
+def _query_ranges(cfg: _Cfg, k_start, bk: int, bq: int, nq: int, off, qlen, kvlen):
+    """Query blocks that can see a key block, for one batch row (mirror of
+    :meth:`MaskInfo.query_block_ranges`)."""
+    i32 = jnp.int32
+    k_last = k_start + (bk - 1)
+    lo, flo, fhi, hi = i32(0), i32(0), i32(nq), i32(nq)
+    if cfg.causal:
+        lo = jnp.maximum(lo, _fdiv(k_start - off, bq))
+        flo = jnp.maximum(flo, _cdiv(k_last - off, bq))
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo = jnp.maximum(lo, _fdiv(k_start - off - right, bq))
+        hi = jnp.minimum(hi, _fdiv(k_last - off + left, bq) + 1)
+        flo = jnp.maximum(flo, _cdiv(k_last - off - right, bq))
+        fhi = jnp.minimum(fhi, _fdiv(k_start - off + left + 1, bq))
+    if cfg.has_qlen:
+        hi = jnp.minimum(hi, _cdiv(qlen, bq))
+        fhi = jnp.minimum(fhi, _fdiv(qlen, bq))
+    if cfg.kv_mask:
+        fhi = jnp.where(k_start + bk <= kvlen, fhi, flo)
+        hi = jnp.where(k_start >= kvlen, lo, hi)
+    return _clamp(lo, flo, fhi, hi, nq)
+
+
+def _visible(cfg: _Cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mask_blk):
+    """Visibility of a ``(bq, bk)`` block from ``qpos (bq, 1)`` and ``kpos (1, bk)``; ``None``
+    when nothing is hidden. ``qseg (bq,)``/``kseg (bk,)`` and ``mask_blk`` are optional."""
+    parts = []
+    if cfg.causal or cfg.window is not None:
+        qe = qpos + off
+        if cfg.causal:
+            parts.append(kpos <= qe)
+        if cfg.window is not None:
+            left, right = cfg.window
+            parts.append(kpos >= qe - left)
+            parts.append(kpos <= qe + right)
+    if cfg.kv_mask:
+        parts.append(kpos < kvlen)
+    if cfg.has_qlen:
+        parts.append(qpos < qlen)
+    if qseg is not None:
+        parts.append(qseg[:, None] == kseg[None, :])
+    if mask_blk is not None:
+        parts.append(mask_blk != 0)
+    if not parts:
+        return None
+    vis = parts[0]
+    for p in parts[1:]:
+        vis = vis & p
+    return vis
+
+
+def _logits(cfg: _Cfg, s, bias_blk, vis):
+    """Scale, soft cap, bias and mask a float32 score block. Returns ``(z, tanh or None)``."""
+    if cfg.scale != 1.0:
+        s = s * cfg.scale
+    t = None
+    if cfg.softcap is not None:
+        t = jnp.tanh(s * (1.0 / cfg.softcap))
+        s = t * cfg.softcap
+    if bias_blk is not None:
+        s = s + bias_blk.astype(jnp.float32)
+    if vis is not None:
+        s = jnp.where(vis, s, -jnp.inf)
+    return s, t
+
+
+def _keep(cfg: _Cfg, seed_bits, b, n, qpos, kpos):
+    """The keep-mask of :func:`attnjax._src.dropout.keep_mask` for one ``(bq, bk)`` block."""
+    u32 = jnp.uint32
+    mix = dropout_lib._mix
+    seed = lax.bitcast_convert_type(seed_bits, u32)
+    bn = mix(seed ^ mix(b.astype(u32) * u32(dropout_lib._GOLD) + n.astype(u32) * u32(dropout_lib._M1)))
+    hi = mix(qpos.astype(u32) * u32(dropout_lib._M2) + u32(1))
+    hj = mix(kpos.astype(u32) * u32(dropout_lib._GOLD) + u32(2))
+    x = mix(mix(bn ^ hi) ^ hj)
+    threshold = min(int(round(cfg.dropout_rate * 2.0**32)), 2**32 - 1)
+    return x >= u32(threshold)
+
+
+def _dot(a, b, cfg: _Cfg, trans_a=False, trans_b=False):
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=cfg.precision)
+
+
+def _iota(n: int, axis: int):
+    shape = (n, 1) if axis == 0 else (1, n)
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _run_ranges(cfg: _Cfg, ranges, make_body, carry, n_blocks: int, seg_class=None):
+    """Loop ``make_body(masked)`` over the block ranges: masked edges, unmasked middle.
+
+    ``seg_class(j) -> (empty, full)``: with segment ids, whether inner block ``j`` shares no
+    segment with this program's block (skipped) or both are one and the same segment (then a
+    positionally full block needs no mask at all)."""
+    if cfg.trivial:
+        return lax.fori_loop(0, n_blocks, make_body(False), carry)
+    masked_body, plain_body = make_body(True), make_body(False)
+    masked, plain = masked_body, plain_body
+    if seg_class is not None:
+        i32 = jnp.int32
+        skip = lambda j, c: c
+
+        def masked_seg(j, c):
+            empty, _ = seg_class(j)
+            return lax.switch(jnp.where(empty, i32(0), i32(1)), (skip, masked_body), j, c)
+
+        def plain_seg(j, c):
+            empty, full = seg_class(j)
+            idx = jnp.where(empty, i32(0), jnp.where(full, i32(2), i32(1)))
+            return lax.switch(idx, (skip, masked_body, plain_body), j, c)
+
+        masked, plain = masked_seg, plain_seg
+    lo, flo, fhi, hi = ranges
+    if cfg.always_masked:
+        return lax.fori_loop(lo, hi, masked, carry)
+    carry = lax.fori_loop(lo, flo, masked, carry)
+    carry = lax.fori_loop(flo, fhi, plain, carry)
+    return lax.fori_loop(fhi, hi, masked, carry)
+
+
+def _seg_class_fn(own_min, own_max, other_ref):
+    """``seg_class`` for :func:`_run_ranges`: ``other_ref (2, n)`` holds per-block min/max ids."""
+
+    def seg_class(j):
+        omin, omax = other_ref[0, j], other_ref[1, j]
+        empty = (omax < own_min) | (omin > own_max)
+        full = (own_min == own_max) & (omin == omax) & (own_min == omin)
+        return empty, full
+
+    return seg_class
+
+
+def _seg_ranges(seg, block: int):
+    """Per-block ``(min, max)`` segment ids: ``(B, L)`` -> ``(B, 2, L / block)`` int32."""
+    B, L = seg.shape
+    s = seg.reshape(B, L // block, block)
+    return jnp.stack([jnp.min(s, axis=-1), jnp.max(s, axis=-1)], axis=1)
+
+
+def _tile_grads(cfg: _Cfg, s, lse, delta, dp, bias_blk, vis, keep):
+    """Recomputed probabilities and score gradients of one ``(bq, bk)`` block.
+
+    Returns ``(pd, dz, ds)``: the dropped-out weights (for dV), the gradient w.r.t. the logits
+    ``z`` (= dbias) and w.r.t. the raw scores ``q·k`` (for dQ, dK)."""
+    z, t = _logits(cfg, s, bias_blk, vis)
+    p = jnp.exp(z - lse[:, None])  # lse = +inf on fully masked rows: p = 0
+    pd = p
+    if keep is not None:
+        inv = 1.0 / (1.0 - cfg.dropout_rate)
+        pd = jnp.where(keep, p * inv, 0.0)
+        dp = jnp.where(keep, dp * inv, 0.0)
+    dz = p * (dp - delta[:, None])
+    ds = dz
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    if cfg.scale != 1.0:
+        ds = ds * cfg.scale
+    return pd, dz, ds
+
+
+def _split_refs(cfg: _Cfg, refs, n_fixed: int, seg_ranges: bool = True):
+    """Split kernel refs into fixed ones, (qseg, kseg), mask, bias, and the outputs; with
+    ``seg_ranges`` the per-block segment ranges (qr, kr) follow the segment ids."""
+    refs = list(refs)
+    fixed, rest = refs[:n_fixed], refs[n_fixed:]
+    qseg = kseg = mask = bias = None
+    ranges = (None, None)
+    if cfg.has_seg:
+        qseg, kseg, *rest = rest
+        if seg_ranges:
+            ranges = tuple(rest[:2])
+            rest = rest[2:]
+    if cfg.mask_shape is not None:
+        mask, *rest = rest
+    if cfg.bias_shape is not None:
+        bias, *rest = rest
+    if seg_ranges:
+        return fixed, (qseg, *ranges), kseg, mask, bias, rest
+    return fixed, qseg, kseg, mask, bias, rest
+
+
+def _qk_tile(ref, shape, q_sl, k_sl, lead=()):
+    """Load the ``(bq|1, bk|1)`` tile of a mask/bias ref whose last two dims are T|1, S|1."""
+    t_full, s_full = shape[-2] != 1, shape[-1] != 1
+    idx = (*lead, q_sl if t_full else slice(None), k_sl if s_full else slice(None))
+    return ref[idx]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _fwd_kernel(*refs, cfg: _Cfg):
+    (q_ref, k_ref, v_ref, row_ref), (qseg_ref, qr_ref, kr_ref), kseg_ref, mask_ref, bias_ref, \
+        (o_ref, lse_ref) = _split_refs(cfg, refs, 4)
+    bq, bk = cfg.bq, cfg.bk
+    nk = cfg.Sp // bk
+    i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    off, qlen, kvlen, seed_bits = row_ref[0], row_ref[1], row_ref[2], row_ref[3]
+    q_start = i * bq
+    q = q_ref[...]
+    qpos = q_start + _iota(bq, 0)
+    qseg = None if qseg_ref is None else qseg_ref[...]
+    hv = o_ref.shape[-1]
+
+    def make_body(masked: bool):
+        def body(j, carry):
+            m, l, acc = carry
+            ks = pl.multiple_of(j * bk, bk)
+            k_sl = pl.ds(ks, bk)
+            kpos = ks + _iota(bk, 1)
+            s = _dot(q, k_ref[k_sl, :], cfg, trans_b=True)
+            vis = None
+            if masked:
+                kseg = None if kseg_ref is None else kseg_ref[k_sl]
+                mblk = None if mask_ref is None else _qk_tile(
+                    mask_ref, cfg.mask_shape, slice(None), k_sl)
+                vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk)
+            bblk = None if bias_ref is None else _qk_tile(
+                bias_ref, cfg.bias_shape, slice(None), k_sl)
+            z, _ = _logits(cfg, s, bblk, vis)
+            m_new = jnp.maximum(m, jnp.max(z, axis=1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(z - m_use[:, None])
+            alpha = jnp.exp(m - m_use)
+            l = l * alpha + jnp.sum(p, axis=1)
+            if cfg.dropout_rate > 0.0:
+                keep = _keep(cfg, seed_bits, b, n, qpos, kpos)
+                p = jnp.where(keep, p * (1.0 / (1.0 - cfg.dropout_rate)), 0.0)
+            v = v_ref[k_sl, :]
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, cfg)
+            return m_new, l, acc
+
+        return body
+
+    carry = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+             jnp.zeros((bq, hv), jnp.float32))
+    ranges = None if cfg.trivial else _key_ranges(cfg, q_start, bq, bk, nk, off, qlen, kvlen)
+    seg_class = None if qr_ref is None else _seg_class_fn(qr_ref[0, i], qr_ref[1, i], kr_ref)
+    m, l, acc = _run_ranges(cfg, ranges, make_body, carry, nk, seg_class)
+    safe = jnp.where(l > 0.0, l, 1.0)
+    o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(safe), -jnp.inf)
+
+
+def _dkv_kernel(*refs, cfg: _Cfg):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), (qseg_ref, qr_ref, kr_ref), \
+        kseg_ref, mask_ref, bias_ref, (dk_ref, dv_ref) = _split_refs(cfg, refs, 7)
+    bq, bk, G = cfg.bq_dkv, cfg.bk_dkv, cfg.G
+    nq = cfg.Tp // bq
+    j, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    off, qlen, kvlen, seed_bits = row_ref[0], row_ref[1], row_ref[2], row_ref[3]
+    k_start = j * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    kpos = k_start + _iota(bk, 1)
+    kseg = None if kseg_ref is None else kseg_ref[...]
+
+    def head_loop(g, carry):
+        def make_body(masked: bool):
+            def body(i, c):
+                dk, dv = c
+                qs = pl.multiple_of(i * bq, bq)
+                q_sl = pl.ds(qs, bq)
+                qpos = qs + _iota(bq, 0)
+                q = q_ref[q_sl, g, :]
+                do = do_ref[q_sl, g, :]
+                s = _dot(q, k, cfg, trans_b=True)
+                dp = _dot(do, v, cfg, trans_b=True)
+                vis = None
+                if masked:
+                    qseg = None if qseg_ref is None else qseg_ref[q_sl]
+                    mblk = None if mask_ref is None else _qk_tile(
+                        mask_ref, cfg.mask_shape, q_sl, slice(None),
+                        (g if cfg.mask_shape[1] != 1 else 0,))
+                    vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk)
+                bblk = None if bias_ref is None else _qk_tile(
+                    bias_ref, cfg.bias_shape, q_sl, slice(None),
+                    (g if cfg.bias_shape[1] != 1 else 0,))
+                keep = (None if cfg.dropout_rate == 0.0
+                        else _keep(cfg, seed_bits, b, kh * G + g, qpos, kpos))
+                pd, _, ds = _tile_grads(cfg, s, lse_ref[g, q_sl], delta_ref[g, q_sl], dp,
+                                        bblk, vis, keep)
+                dv = dv + _dot(pd.astype(do.dtype), do, cfg, trans_a=True)
+                dk = dk + _dot(ds.astype(q.dtype), q, cfg, trans_a=True)
+                return dk, dv
+
+            return body
+
+        return _run_ranges(cfg, ranges, make_body, carry, nq, seg_class)
+
+    ranges = None if cfg.trivial else _query_ranges(cfg, k_start, bk, bq, nq, off, qlen, kvlen)
+    seg_class = None if kr_ref is None else _seg_class_fn(kr_ref[0, j], kr_ref[1, j], qr_ref)
+    carry = (jnp.zeros((bk, dk_ref.shape[-1]), jnp.float32),
+             jnp.zeros((bk, dv_ref.shape[-1]), jnp.float32))
+    if G == 1:
+        dk, dv = head_loop(0, carry)
+    else:
+        dk, dv = lax.fori_loop(0, G, head_loop, carry)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, cfg: _Cfg):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), (qseg_ref, qr_ref, kr_ref), \
+        kseg_ref, mask_ref, bias_ref, (dq_ref,) = _split_refs(cfg, refs, 7)
+    bq, bk = cfg.bq_dq, cfg.bk_dq
+    nk = cfg.Sp // bk
+    i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    off, qlen, kvlen, seed_bits = row_ref[0], row_ref[1], row_ref[2], row_ref[3]
+    q_start = i * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    qpos = q_start + _iota(bq, 0)
+    qseg = None if qseg_ref is None else qseg_ref[...]
+
+    def make_body(masked: bool):
+        def body(j, dq):
+            ks = pl.multiple_of(j * bk, bk)
+            k_sl = pl.ds(ks, bk)
+            kpos = ks + _iota(bk, 1)
+            k = k_ref[k_sl, :]
+            s = _dot(q, k, cfg, trans_b=True)
+            dp = _dot(do, v_ref[k_sl, :], cfg, trans_b=True)
+            vis = None
+            if masked:
+                kseg = None if kseg_ref is None else kseg_ref[k_sl]
+                mblk = None if mask_ref is None else _qk_tile(
+                    mask_ref, cfg.mask_shape, slice(None), k_sl)
+                vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk)
+            bblk = None if bias_ref is None else _qk_tile(
+                bias_ref, cfg.bias_shape, slice(None), k_sl)
+            keep = None if cfg.dropout_rate == 0.0 else _keep(cfg, seed_bits, b, n, qpos, kpos)
+            _, _, ds = _tile_grads(cfg, s, lse, delta, dp, bblk, vis, keep)
+            return dq + _dot(ds.astype(k.dtype), k, cfg)
+
+        return body
+
+    ranges = None if cfg.trivial else _key_ranges(cfg, q_start, bq, bk, nk, off, qlen, kvlen)
+    seg_class = None if qr_ref is None else _seg_class_fn(qr_ref[0, i], qr_ref[1, i], kr_ref)
+    dq = _run_ranges(cfg, ranges, make_body, jnp.zeros((bq, dq_ref.shape[-1]), jnp.float32), nk,
+                     seg_class)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dbias_kernel(*refs, cfg: _Cfg):
+    """One ``(tq, tk)`` tile of dbias, summed over the bias's broadcast dims (whole-array refs)."""
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_ref), qseg_ref, kseg_ref, mask_ref, \
+        bias_ref, (db_ref,) = _split_refs(cfg, refs, 7, seg_ranges=False)
+    B, N, G = cfg.B, cfg.N, cfg.G
+    Bb, Nb, Tb, Sb = cfg.bias_shape
+    bq, bk = cfg.bq_dq, cfg.bk_dq
+    it, js, bn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bb, nb = _div(bn, Nb), _rem(bn, Nb)
+    # Loop extents: batch rows / heads / query blocks / key blocks summed into this tile.
+    loop_b = B if (Bb == 1 and B > 1) else 1
+    loop_n = N if (Nb == 1 and N > 1) else 1
+    loop_q = cfg.Tp // bq if Tb == 1 else 1
+    loop_k = cfg.Sp // bk if Sb == 1 else 1
+    total = loop_b * loop_n * loop_q * loop_k
+
+    def body(t, acc):
+        r = t
+        kk = _rem(r, loop_k)
+        r = _div(r, loop_k)
+        qq = _rem(r, loop_q)
+        r = _div(r, loop_q)
+        nn = _rem(r, loop_n)
+        b_ = _div(r, loop_n)
+        b = b_ if loop_b > 1 else bb
+        n = nn if loop_n > 1 else nb
+        i = qq if loop_q > 1 else it
+        j = kk if loop_k > 1 else js
+        qs = pl.multiple_of(i * bq, bq)
+        ks = pl.multiple_of(j * bk, bk)
+        q_sl, k_sl = pl.ds(qs, bq), pl.ds(ks, bk)
+        qpos = qs + _iota(bq, 0)
+        kpos = ks + _iota(bk, 1)
+        kh = _div(n, G)
+        q = q_ref[b, q_sl, n, :]
+        k = k_ref[b, k_sl, kh, :]
+        do = do_ref[b, q_sl, n, :]
+        v = v_ref[b, k_sl, kh, :]
+        off, qlen, kvlen, seed_bits = row_ref[b, 0], row_ref[b, 1], row_ref[b, 2], row_ref[b, 3]
+        s = _dot(q, k, cfg, trans_b=True)
+        dp = _dot(do, v, cfg, trans_b=True)
+        qseg = None if qseg_ref is None else qseg_ref[b, q_sl]
+        kseg = None if kseg_ref is None else kseg_ref[b, k_sl]
+        mblk = None
+        if mask_ref is not None:
+            Bm, Nm = cfg.mask_shape[:2]
+            mblk = _qk_tile(mask_ref, cfg.mask_shape, q_sl, k_sl,
+                            (b if Bm != 1 else 0, n if Nm != 1 else 0))
+        vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk)
+        bblk = _qk_tile(bias_ref, cfg.bias_shape, q_sl, k_sl,
+                        (b if Bb != 1 else 0, n if Nb != 1 else 0))
+        keep = None if cfg.dropout_rate == 0.0 else _keep(cfg, seed_bits, b, n, qpos, kpos)
+        _, dz, _ = _tile_grads(cfg, s, lse_ref[b, n, q_sl], delta_ref[b, n, q_sl], dp, bblk,
+                               vis, keep)
+        if Tb == 1:
+            dz = jnp.sum(dz, axis=0, keepdims=True)
+        if Sb == 1:
+            dz = jnp.sum(dz, axis=1, keepdims=True)
+        return acc + dz
+
+    tq, tk = (bq if Tb != 1 else 1), (bk if Sb != 1 else 1)
+    acc = lax.fori_loop(0, total, body, jnp.zeros((tq, tk), jnp.float32))
+    db_ref[...] = acc.astype(db_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_calls.
+
+
+def _full_spec(x):
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _extra_specs(cfg: _Cfg, extras, kind: str):
+    """BlockSpecs of (qseg, kseg, mask, bias) for the grid ``kind`` ('q': (i, b, n) with query
+    blocks of ``bq``; 'k': (j, b, kh) with key blocks of ``bk``)."""
+    qseg, kseg, mask, bias = extras
+    specs, args = [], []
+    bq = cfg.bq
+    if cfg.has_seg:
+        # The ids, then per-block (min, max) ids of the program's and the inner loop's blocks.
+        if kind == "q":
+            bk = cfg.bk
+            specs += [pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
+                      pl.BlockSpec((None, cfg.Sp), lambda i, b, n: (b, 0))]
+        else:
+            bq, bk = cfg.bq_dkv, cfg.bk_dkv
+            specs += [pl.BlockSpec((None, cfg.Tp), lambda j, b, h: (b, 0)),
+                      pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+        qr, kr = _seg_ranges(qseg, bq), _seg_ranges(kseg, bk)
+        specs += [pl.BlockSpec((None, 2, qr.shape[-1]), lambda x, b, y: (b, 0, 0)),
+                  pl.BlockSpec((None, 2, kr.shape[-1]), lambda x, b, y: (b, 0, 0))]
+        args += [qseg, kseg, qr, kr]
+    for x in (mask, bias):
+        if x is None:
+            continue
+        Bx, Nx, Tx, Sx = x.shape
+        if kind == "q":
+            blk = (None, None, bq if Tx != 1 else 1, Sx)
+
+            def imap(i, b, n, Bx=Bx, Nx=Nx, Tx=Tx):
+                return (b if Bx != 1 else 0, n if Nx != 1 else 0, i if Tx != 1 else 0, 0)
+        else:
+            G = cfg.G
+            bk = cfg.bk_dkv
+            blk = (None, G if Nx != 1 else 1, Tx, bk if Sx != 1 else 1)
+
+            def imap(j, b, h, Bx=Bx, Nx=Nx, Sx=Sx):
+                return (b if Bx != 1 else 0, h if Nx != 1 else 0, 0, j if Sx != 1 else 0)
+        specs.append(pl.BlockSpec(blk, imap))
+        args.append(x)
+    return specs, args
+
+
+def _with_bq(cfg: _Cfg, bq: int, bk: int) -> _Cfg:
+    """A copy whose forward block sizes are ``bq, bk`` (to reuse the 'q' specs for dQ)."""
+    return dataclasses.replace(cfg, bq=bq, bk=bk)
+
+
+def _fwd_call(cfg: _Cfg, q, k, v, row, extras):
+    B, Tp, N, Hp = q.shape
+    Sp, Hvp = v.shape[1], v.shape[3]
+    G, bq = cfg.G, cfg.bq
+    specs = [
+        pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, _div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, Hvp), lambda i, b, n: (b, 0, _div(n, G), 0)),
+        pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
+    ]
+    xspecs, xargs = _extra_specs(cfg, extras, "q")
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(Tp // bq, B, N),
+        in_specs=specs + xspecs,
+        out_specs=[pl.BlockSpec((None, bq, None, Hvp), lambda i, b, n: (b, i, n, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, N, Hvp), q.dtype),
+                   jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
+        compiler_params=cfg.params(fwd=True),
+        interpret=cfg.interpret,
+        name="attnjax_fwd",
+    )(q, k, v, row, *xargs)
+
+
+def _bwd_calls(cfg: _Cfg, q, k, v, row, extras, dout, lse, delta):
+    B, Tp, N, Hp = q.shape
+    Sp, K, Hvp = v.shape[1], v.shape[2], v.shape[3]
+    G = cfg.G
+    # dK, dV: grid over key blocks × batch × kv heads; all G query heads of the group per program.
+    bk = cfg.bk_dkv
+    specs = [
+        pl.BlockSpec((None, Tp, G, Hp), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, bk, None, Hp), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, bk, None, Hvp), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, Tp, G, Hvp), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, G, Tp), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, G, Tp), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, 4), lambda j, b, h: (b, 0)),
+    ]
+    xspecs, xargs = _extra_specs(cfg, extras, "k")
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid=(Sp // bk, B, K),
+        in_specs=specs + xspecs,
+        out_specs=[pl.BlockSpec((None, bk, None, Hp), lambda j, b, h: (b, j, h, 0)),
+                   pl.BlockSpec((None, bk, None, Hvp), lambda j, b, h: (b, j, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=cfg.params(fwd=False),
+        interpret=cfg.interpret,
+        name="attnjax_bwd_dkv",
+    )(q, k, v, dout, lse, delta, row, *xargs)
+
+    # dQ: grid over query blocks × batch × heads, key blocks inner.
+    bq = cfg.bq_dq
+    cq = _with_bq(cfg, bq, cfg.bk_dq)
+    specs = [
+        pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, _div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, Hvp), lambda i, b, n: (b, 0, _div(n, G), 0)),
+        pl.BlockSpec((None, bq, None, Hvp), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+        pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+        pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
+    ]
+    xspecs, xargs = _extra_specs(cq, extras, "q")
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(Tp // bq, B, N),
+        in_specs=specs + xspecs,
+        out_specs=pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=cfg.params(fwd=False),
+        interpret=cfg.interpret,
+        name="attnjax_bwd_dq",
+    )(q, k, v, dout, lse, delta, row, *xargs)
+
+    dbias = None
+    bias = extras[3]
+    if bias is not None:
+        Bb, Nb, Tb, Sb = bias.shape
+        tq = cfg.bq_dq if Tb != 1 else 1
+        tk = cfg.bk_dq if Sb != 1 else 1
+        args = [q, k, v, dout, lse, delta, row] + [x for x in extras if x is not None]
+        dbias = pl.pallas_call(
+            functools.partial(_dbias_kernel, cfg=cfg),
+            grid=(Tb // tq, Sb // tk, Bb * Nb),
+            in_specs=[_full_spec(x) for x in args],
+            out_specs=pl.BlockSpec((None, None, tq, tk),
+                                   lambda it, js, bn: (_div(bn, Nb), _rem(bn, Nb), it, js)),
+            out_shape=jax.ShapeDtypeStruct(bias.shape, jnp.float32),
+            compiler_params=cfg.params(fwd=False),
+            interpret=cfg.interpret,
+            name="attnjax_bwd_dbias",
+        )(*args)
+        dbias = dbias.astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg: _Cfg, q, k, v, row, qseg, kseg, mask, bias):
+    return _fwd_call(cfg, q, k, v, row, (qseg, kseg, mask, bias))
+
+
+def _core_fwd(cfg, q, k, v, row, qseg, kseg, mask, bias):
+    out, lse = _fwd_call(cfg, q, k, v, row, (qseg, kseg, mask, bias))
+    return (out, lse), (q, k, v, row, qseg, kseg, mask, bias, out, lse)
+
+
+def _core_bwd(cfg, res, cts):
+    q, k, v, row, qseg, kseg, mask, bias, out, lse = res
+    dout, dlse = cts
+    # delta_i = rowsum(dO_i · O_i) - dlse_i (the log-sum-exp's own cotangent folds in here).
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = jnp.transpose(delta, (0, 2, 1)) - dlse.astype(jnp.float32)  # (B, N, Tp)
+    lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    dq, dk, dv, dbias = _bwd_calls(cfg, q, k, v, row, (qseg, kseg, mask, bias), dout.astype(
+        q.dtype), lse_use, delta)
+    return dq, dk, dv, None, None, None, None, dbias
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def unsupported_reason(q, k, v, *, logits_soft_cap=None, interpret: bool | None = None) -> str | None:
+    """Why ``pallas_gpu`` cannot serve this call (a sentence), or ``None`` when it can."""
+    if q.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        return (f"pallas_gpu supports float16, bfloat16 and float32 inputs, got {q.dtype} "
+                "(use implementation='xla_chunked' for float64)")
+    H, Hv = q.shape[-1], v.shape[-1]
+    if max(H, Hv) > MAX_HEAD_DIM:
+        return f"pallas_gpu supports head dims up to {MAX_HEAD_DIM}, got H={H}, Hv={Hv}"
+    if isinstance(logits_soft_cap, jax.Array):
+        return ("pallas_gpu needs logits_soft_cap as a Python float (a static kernel constant), "
+                "got a traced array; use implementation='xla_chunked' for a traced soft cap")
+    # An explicit ``interpret=False`` (e.g. ``jax.export`` for CUDA from a CPU host) skips the
+    # backend check: the caller lowers for a GPU platform of its choosing.
+    if interpret is None and not pallas_config.interpret_enabled():
+        backend = jax.default_backend()
+        if backend != "gpu":
+            return (f"pallas_gpu compiles a Triton kernel for NVIDIA/AMD GPUs, but JAX's default "
+                    f"backend is {backend!r}; on CPU run it in Pallas interpret mode inside "
+                    "`with attnjax.pallas_interpret():` (slow; for testing)")
+    return None
+
+
+def as_block_sizes(block_sizes, head_dim: int) -> BlockSizes:
+    """Accept ``None`` (the :data:`BLOCK_TABLE` default for ``head_dim``), a :class:`BlockSizes`,
+    or a chunk size as ``dot_product_attention(chunk_size=...)`` takes it (an int, a
+    ``(query, key)`` pair or a :class:`~attnjax.ChunkSize`): then every query block is the query
+    size and every key block the key size, with the table's warps and stages."""
+    if isinstance(block_sizes, BlockSizes):
+        return block_sizes
+    default = BlockSizes.for_head_dim(head_dim)
+    if block_sizes is None:
+        return default
+    cs = as_chunk_size(block_sizes)
+    for name, val in (("query", cs.query), ("key", cs.key)):
+        if val < MIN_BLOCK or not _is_pow2(val):
+            raise ValueError(f"chunk_size {name}={val} is not a valid pallas_gpu block size: "
+                             f"it must be a power of two >= {MIN_BLOCK}")
+    return dataclasses.replace(default, block_q=cs.query, block_k=cs.key, block_q_dkv=cs.query,
+                               block_k_dkv=cs.key, block_q_dq=cs.query, block_k_dq=cs.key)
+
+
+def _pad(x, axis: int, size: int, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def _fit(block: int, length: int) -> int:
+    return max(MIN_BLOCK, min(block, _next_pow2(length)))
+
+
+def attention_pallas_gpu(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_soft_cap,
+                         dropout_rate: float, seed, precision,
+                         block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """The fused Pallas (Triton) kernel on validated inputs.
+
+    Same contract as :func:`attnjax._src.chunked.attention_chunked`.
+
+    Args:
+      q: ``(B, T, N, H)``; k: ``(B, S, K, H)``; v: ``(B, S, K, Hv)``; float16/bfloat16/float32.
+      bias5: ``None`` or ``(Bb, Kb, Gb, Tb, Sb)`` (grouped, unpadded, each dim 1 or full).
+      info: the masks, with a grouped (unpadded) dense mask.
+      scale: logit scale (a Python float).
+      logits_soft_cap: a Python float or ``None`` (a traced cap is not supported here).
+      dropout_rate: in ``[0, 1)``; seed: uint32 scalar dropout seed, or None.
+      precision: passed to the kernel's matmuls.
+      block_sizes: :class:`BlockSizes`, a chunk size (see :func:`as_block_sizes`), or ``None``
+        (the per-head-dim table, :meth:`BlockSizes.for_head_dim`).
+      interpret: run in Pallas interpret mode; ``None`` reads :func:`attnjax.pallas_interpret`.
+
+    Returns:
+      ``out (B, T, N, Hv)`` in q's dtype and ``lse (B, T, N)`` float32.
+
+    Raises:
+      ValueError: if the call cannot run here (see :func:`unsupported_reason`).
+    """
+    reason = unsupported_reason(q, k, v, logits_soft_cap=logits_soft_cap, interpret=interpret)
+    if reason is not None:
+        raise ValueError(reason)
+    if interpret is None:
+        interpret = pallas_config.interpret_enabled()
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    Hv = v.shape[-1]
+    Hp, Hvp = _next_pow2(max(H, MIN_BLOCK)), _next_pow2(max(Hv, MIN_BLOCK))
+    bs = as_block_sizes(block_sizes, max(Hp, Hvp))
+    bq, bq_dkv, bq_dq = (_fit(x, T) for x in (bs.block_q, bs.block_q_dkv, bs.block_q_dq))
+    bk, bk_dkv, bk_dq = (_fit(x, S) for x in (bs.block_k, bs.block_k_dkv, bs.block_k_dq))
+    qmult, kmult = max(bq, bq_dkv, bq_dq), max(bk, bk_dkv, bk_dq)
+    Tp, Sp = -(-T // qmult) * qmult, -(-S // kmult) * kmult
+
+    qp = _pad(_pad(q, 3, Hp), 1, Tp)
+    kp = _pad(_pad(k, 3, Hp), 1, Sp)
+    vp = _pad(_pad(v, 3, Hvp), 1, Sp)
+
+    i32 = jnp.int32
+    off = jnp.zeros((B,), i32) if info.query_offset is None else jnp.broadcast_to(
+        jnp.reshape(info.query_offset, (-1,)).astype(i32), (B,))
+    qlen = jnp.full((B,), T, i32) if info.q_lengths is None else info.q_lengths.astype(i32)
+    kvlen = jnp.full((B,), S, i32) if info.kv_lengths is None else info.kv_lengths.astype(i32)
+    seed_bits = jnp.zeros((B,), i32) if seed is None else jnp.broadcast_to(
+        lax.bitcast_convert_type(jnp.asarray(seed, jnp.uint32), i32), (B,))
+    row = jnp.stack([off, qlen, kvlen, seed_bits], axis=1)
+
+    qseg = kseg = None
+    if info.q_segment_ids is not None:
+        # Edge padding: padded positions repeat the last id, so that they do not widen the
+        # per-block id ranges used for block skipping (padded keys are masked anyway).
+        qseg = jnp.pad(info.q_segment_ids[:, :T].astype(i32), ((0, 0), (0, Tp - T)), mode="edge")
+        kseg = jnp.pad(info.kv_segment_ids[:, :S].astype(i32), ((0, 0), (0, Sp - S)), mode="edge")
+
+    def heads4(x, pad_value):
+        bx, kx, gx, tx, sx = x.shape
+        x = x.reshape(bx, kx * gx, tx, sx)
+        if tx != 1:
+            x = _pad(x[:, :, :T], 2, Tp, pad_value)
+        if sx != 1:
+            x = _pad(x[:, :, :, :S], 3, Sp, pad_value)
+        return x
+
+    mask = None if info.mask is None else heads4(info.mask.astype(jnp.int8), 0)
+    bias = None if bias5 is None else heads4(bias5, 0)
+
+    cfg = _Cfg(
+        B=B, T=T, S=S, N=N, K=K, Tp=Tp, Sp=Sp,
+        scale=float(scale),
+        softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+        dropout_rate=float(dropout_rate),
+        causal=bool(info.is_causal), window=info.window,
+        has_qlen=info.q_lengths is not None,
+        kv_mask=info.kv_lengths is not None or Sp != S,
+        has_seg=qseg is not None,
+        mask_shape=None if mask is None else tuple(mask.shape),
+        bias_shape=None if bias is None else tuple(bias.shape),
+        bq=bq, bk=bk, bq_dkv=bq_dkv, bk_dkv=bk_dkv, bq_dq=bq_dq, bk_dq=bk_dq,
+        num_warps=bs.num_warps, num_stages=bs.num_stages,
+        num_warps_bwd=bs.num_warps_bwd, num_stages_bwd=bs.num_stages_bwd,
+        precision=precision, interpret=bool(interpret),
+    )
+    out, lse = _core(cfg, qp, kp, vp, row, qseg, kseg, mask, bias)
+    out = out[:, :T, :, :Hv]
+    lse = jnp.transpose(lse[:, :, :T], (0, 2, 1))
+    return out, lse
