@@ -121,11 +121,13 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
+def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision, hook=None, kpos=None):
     """Online-softmax update of ``carry = (m, l, acc)`` with one key block.
 
     ``qg (B, T, K, G, H)`` scaled float32 queries, ``kb (B, C, K, H)``, ``vb (B, C, K, Hv)``,
-    ``vis`` boolean broadcastable to ``(B, T, C)``.
+    ``vis`` boolean broadcastable to ``(B, T, C)``. ``hook(s, kpos) -> (s, vis | None)``: the
+    flexible-attention hook (``score_mod`` and ``mask_mod`` on the ``(B, K, G, T, C)`` score
+    block, keys at positions ``kpos (B, C)``), or ``None``.
     """
     m, den, acc = carry
     s = jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=_F32,
@@ -133,7 +135,12 @@ def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
     if logits_soft_cap is not None:
         cap = _F32(logits_soft_cap)
         s = cap * jnp.tanh(s / cap)
-    s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    vis = vis[:, None, None]
+    if hook is not None:
+        s, extra = hook(s, kpos)
+        if extra is not None:
+            vis = vis & extra
+    s = jnp.where(vis, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_use[..., None])
@@ -153,7 +160,7 @@ def _visible(pos, valid, qpos, window_left):
 
 
 def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
-                  logits_soft_cap, precision, carry):
+                  logits_soft_cap, precision, carry, hook=None):
     """Merge into ``carry`` the attention of ``qg (B, T, K, G, H)`` over the cached positions
     ``< P`` still present in the (already updated) buffers ``key``/``value`` ``(B, L, K, H)``,
     which hold every position ``< P_end`` that fits.
@@ -190,7 +197,7 @@ def _attend_cache(qg, key, value, P, P_end, window_left, ring: bool, chunk: int,
             valid = pos < Pc
         valid = valid & (slots >= c * C)[None, :]  # overlap of the last chunk: counted already
         return _block_update(carry, qg, kb, vb, _visible(pos, valid, qpos, window_left),
-                             logits_soft_cap, precision)
+                             logits_soft_cap, precision, hook, pos)
 
     return lax.fori_loop(lo, hi, body, carry)
 
@@ -217,6 +224,9 @@ def cached_attention(
     implementation: str | None = None,
     chunk_size: ChunkSize | int | tuple[int, int] | None = None,
     precision=None,
+    mask_mod=None,
+    score_mod=None,
+    sinks=None,
 ):
     r"""Causal attention of ``T`` new tokens against a :class:`KVCache`, and the cache update.
 
@@ -251,6 +261,9 @@ def cached_attention(
         cache slots read per chunk (default 1024 when ``None``) and both sizes drive the core
         for the new-token part.
       precision: matmul precision.
+      mask_mod, score_mod, sinks: as in :func:`attnjax.dot_product_attention`, with global
+        positions: ``q_idx = P[b] + t``, ``kv_idx`` the cached or new key's position; combined
+        with the causal (and window) mask by AND.
 
     Returns:
       ``(out, new_cache)``: ``out (B, T, N, Hv)`` in the query dtype, and the updated cache.
@@ -345,6 +358,31 @@ def cached_attention(
         jnp.zeros((B, K, G, T, Hv), _F32),
     )
 
+    # Flexible attention: one hook applied to every score block read from the cache (and the
+    # same mods, shifted to global positions, for the new-token part through the core).
+    hook = None
+    if mask_mod is not None or score_mod is not None:
+        from attnjax._src import flex  # noqa: PLC0415
+
+        flex.check_mods(mask_mod, score_mod, B, N, T, T, _F32)
+        bi = jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1)
+        hi = jnp.arange(N, dtype=jnp.int32).reshape(1, K, G, 1, 1)
+        qi = qpos[:, None, None, :, None]
+
+        def hook(s, kpos):
+            ki = kpos.astype(jnp.int32)[:, None, None, None, :]
+            if score_mod is not None:
+                s = score_mod(s, bi, hi, qi, ki)
+            return s, (None if mask_mod is None else mask_mod(bi, hi, qi, ki))
+
+    def shifted(fn, nargs):
+        # the core sees the new tokens at positions 0..T-1; the mods see P[b] + t
+        if fn is None:
+            return None
+        if nargs == 4:
+            return lambda b, h, q, k: fn(b, h, q + P[b], k + P[b])
+        return lambda s, b, h, q, k: fn(s, b, h, q + P[b], k + P[b])
+
     # 1. Ring buffer, multi-token step: the old entries this step overwrites (still visible to
     #    its earlier queries) are gathered first (T slots) and attended to separately. XLA then
     #    keeps the old buffer alive with one copy of the ring (W slots). Single-token steps need
@@ -359,7 +397,7 @@ def cached_attention(
         pos_e = pos_new[:, :E] - L
         valid_e = (pos_e >= 0) & ((n[:, None] >= L) | (te < n[:, None]))
         carry = _block_update(carry, qg, ke, ve, _visible(pos_e, valid_e, qpos, window_left),
-                              logits_soft_cap, precision)
+                              logits_soft_cap, precision, hook, pos_e)
 
     # 2. Write the valid new tokens into their slots first (out-of-range indices are dropped):
     #    writing before reading lets XLA update a donated cache in place, with no copy.
@@ -373,7 +411,7 @@ def cached_attention(
 
     # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
     carry = _attend_cache(qg, new_key, new_value, P, P + n, window_left, ring, decode_chunk,
-                          logits_soft_cap, precision, carry)
+                          logits_soft_cap, precision, carry, hook)
     o_old, lse_old = _finish(carry)
     o_old = o_old.reshape(B, T, N, Hv)
     lse_old = lse_old.reshape(B, T, N)
@@ -386,10 +424,19 @@ def cached_attention(
         key_value_seq_lengths=None if query_seq_lengths is None else n,
         logits_soft_cap=logits_soft_cap, implementation=implementation,
         chunk_size=chunk_size, precision=precision, return_residual=True,
+        mask_mod=shifted(mask_mod, 4), score_mod=shifted(score_mod, 5),
     )
 
     # 5. Exact merge by log-sum-exp.
-    out, _ = merge_partials(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
+    out, lse = merge_partials(o_old, lse_old, o_new.astype(_F32), lse_new.astype(_F32))
+    if sinks is not None:
+        from attnjax._src import flex  # noqa: PLC0415
+
+        sinks = jnp.asarray(sinks)
+        if not jnp.issubdtype(sinks.dtype, jnp.floating) or sinks.shape != (N,):
+            raise ValueError(
+                f"sinks must be a float array of shape (N,) = ({N},), got {sinks.dtype}{sinks.shape}")
+        out, _ = flex.apply_sinks(out, lse, sinks)
     row_ok = t < n[:, None]  # (B, T)
     out = jnp.where(row_ok[..., None, None], out, 0.0)
     if overflow is not None:
