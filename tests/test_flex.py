@@ -429,3 +429,33 @@ def test_cached_attention_honours_mods(window):
         outs.append(o)
         t += n
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(want), atol=2e-5)
+
+
+def test_flax_modules_pass_mods_through():
+    from flax import linen as nn
+    from flax import nnx
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12, 16)), jnp.float32)
+    doc = jnp.asarray(_ids(np.random.default_rng(1), 2, 12, 3))
+    mm = masks.and_masks(masks.causal, masks.document(doc))
+    sm = masks.alibi(masks.alibi_slopes(4))
+    sinks = jnp.asarray([0.3, -0.2, 0.1, 1.0])
+
+    layer = attnjax.nnx.MultiHeadAttention(num_heads=4, in_features=16, decode=False,
+                                           rngs=nnx.Rngs(0))
+    got = layer(x, mask_mod=mm, score_mod=sm, sinks=nnx.Param(sinks))
+    seg = doc  # the same mask via the existing arguments; the score_mod via bias
+    bias = -masks.alibi_slopes(4)[:, None, None] * (jnp.arange(12)[:, None] - jnp.arange(12))
+    want = layer(x, is_causal=True, query_segment_ids=seg, key_value_segment_ids=seg,
+                 bias=bias, sinks=sinks)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    without = layer(x, is_causal=True, query_segment_ids=seg, key_value_segment_ids=seg, bias=bias)
+    assert np.abs(np.asarray(without) - np.asarray(got)).max() > 1e-3  # sinks matter
+
+    lin = attnjax.linen.MultiHeadDotProductAttention(num_heads=4)
+    params = lin.init(jax.random.key(0), x)
+    got = lin.apply(params, x, mask_mod=mm, score_mod=sm, sinks=sinks)
+    want = lin.apply(params, x, is_causal=True, query_segment_ids=seg,
+                     key_value_segment_ids=seg, bias=bias, sinks=sinks)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    del nn
