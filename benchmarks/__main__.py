@@ -1,4 +1,6 @@
-"""``attnjax-bench`` / ``python -m benchmarks``: the benchmark sweep and the "longest" mode.
+"""``attnjax-bench`` / ``python -m attnjax.benchmarks``: the benchmark sweep and "longest" mode.
+
+From a source checkout without installing, ``python -m benchmarks`` (in the repository root).
 
 With no arguments: a quick sweep on the default device (about two minutes on a quiet 2-core
 CPU); prints the table and writes JSON, CSV and a PNG plot to ``bench_results/``.
@@ -11,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.backends import BACKEND_NAMES, all_backends
-from benchmarks.flops import MODES
+from .backends import BACKEND_NAMES, all_backends
+from .flops import MODES
 
 GIB = 1 << 30
 
@@ -41,7 +43,8 @@ def _choices(allowed):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attnjax-bench",
-        description="Benchmark attention implementations side by side (see benchmarks/README.md).",
+        description="Benchmark attention implementations side by side (method: benchmarks/"
+                    "README.md in the attnjax repository).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", type=_ints, default=(1024, 2048, 4096),
                    help="sequence lengths T = S for every implementation")
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ceiling-size", type=int, default=2048,
                    help="n of the jitted n×n float32 matmul that measures the ceiling")
+    p.add_argument("--ceiling-repeats", type=int, default=3,
+                   help="timed matmuls per ceiling measurement (their median); the ceiling is "
+                        "measured right before and right after every timed cell")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("longest mode")
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _budget(args) -> tuple[int, str]:
-    from benchmarks.sweep import default_budget_bytes
+    from .sweep import default_budget_bytes
 
     if args.budget_gib is not None:
         return int(args.budget_gib * GIB), f"{args.budget_gib:g} GiB (--budget-gib)"
@@ -94,11 +100,13 @@ def _budget(args) -> tuple[int, str]:
 
 
 def run_longest(args) -> int:
-    from benchmarks.longest import format_longest, longest_for
-    from benchmarks.report import write_json
-    from benchmarks.sweep import machine_info
+    from .hostinfo import format_host
+    from .longest import format_longest, longest_for
+    from .report import write_json
+    from .sweep import machine_info
 
     budget, what = _budget(args)
+    print(format_host(machine_info()))
     print(f"memory budget: {budget / GIB:.1f} GiB = {what}")
     backends = all_backends()
     results = []
@@ -116,17 +124,19 @@ def run_longest(args) -> int:
                 confirm_max_s=args.confirm_seconds, confirm=not args.no_confirm,
                 seed=args.seed))
     print()
-    print(format_longest(results))
+    meta = machine_info()  # again: torch's thread count is known once torch is imported
+    print(format_longest(results, meta=meta))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = write_json({"meta": machine_info(), "budget": what, "results": results},
+    path = write_json({"meta": meta, "budget": what, "results": results},
                       args.out / "longest.json")
     print(f"\nwrote {path}")
     return 0
 
 
 def run_sweep_cli(args) -> int:
-    from benchmarks.report import format_speedups, format_table, plot, write_csv, write_json
-    from benchmarks.sweep import SweepConfig, run_sweep, speedups
+    from .hostinfo import format_host
+    from .report import format_speedups, format_table, plot, write_csv, write_json
+    from .sweep import SweepConfig, run_sweep, speedups
 
     budget, what = _budget(args)
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
@@ -135,7 +145,8 @@ def run_sweep_cli(args) -> int:
                       impls=args.impl, modes=args.modes, causal=causal, repeats=args.repeats,
                       max_run_s=args.max_run_seconds, max_cell_s=args.max_cell_seconds,
                       warmup_max_s=args.warmup_max_seconds, budget_bytes=budget,
-                      ceiling_n=args.ceiling_size, seed=args.seed)
+                      ceiling_n=args.ceiling_size, ceiling_repeats=args.ceiling_repeats,
+                      seed=args.seed)
     print(f"attnjax-bench: B={cfg.batch} N={cfg.heads} H={cfg.head_dim} "
           f"T={','.join(map(str, cfg.sizes))} (+{','.join(map(str, cfg.long_sizes)) or 'none'} "
           f"memory-efficient only), {','.join(cfg.dtypes)}; memory budget "
@@ -145,10 +156,14 @@ def run_sweep_cli(args) -> int:
     result["budget"] = what
     ceil = result["ceiling"]
     print()
-    print(format_table(result["rows"]))
+    print(format_table(result["rows"], meta=result["meta"]))
     print()
     print(f"GFLOP/s from {result['flop_convention']}; %ceil = share of the matmul ceiling "
-          f"{ceil['gflops']:.0f} GFLOP/s (jitted {ceil['n']}² {ceil['dtype']} dot, this run).")
+          f"(jitted {ceil['n']}² {ceil['dtype']} dot, median of {args.ceiling_repeats}) "
+          f"measured right before and after the cell (their mean; the two are in 'ceil "
+          f"GFLOP/s'). Over this run the ceiling measured {ceil['min_gflops']:.0f}–"
+          f"{ceil['max_gflops']:.0f} GFLOP/s (median {ceil['gflops']:.0f}, "
+          f"{ceil['count']} measurements, {ceil['seconds']:.0f} s).")
     sp = speedups(result["rows"])
     if sp:
         print("\nspeed of attnjax.xla_chunked relative to the others (>1 = attnjax faster):")
@@ -158,12 +173,11 @@ def run_sweep_cli(args) -> int:
         print(f"\nnot run: {name}: {reason}")
     args.out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(result, args.out / "results.json"),
-             write_csv(result["rows"], args.out / "results.csv")]
+             write_csv(result["rows"], args.out / "results.csv", meta=result["meta"])]
     if not args.no_plot:
-        m = result["meta"]
-        title = (f"B={cfg.batch} N={cfg.heads} H={cfg.head_dim} {','.join(cfg.dtypes)} on "
-                 f"{m.get('cpu_model', m['device'])} ({m['cpu_count']} cores); "
-                 f"matmul ceiling {ceil['gflops']:.0f} GFLOP/s")
+        title = (f"B={cfg.batch} N={cfg.heads} H={cfg.head_dim} {','.join(cfg.dtypes)}; "
+                 f"matmul ceiling {ceil['min_gflops']:.0f}–{ceil['max_gflops']:.0f} GFLOP/s\n"
+                 + format_host(result["meta"]))
         paths.append(plot(result["rows"], args.out / "results.png", title=title))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; wrote "
           + ", ".join(str(p) for p in paths))
@@ -173,15 +187,13 @@ def run_sweep_cli(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``attnjax-bench``; ``argv`` defaults to ``sys.argv[1:]``."""
     args = build_parser().parse_args(argv)
-    for name in ("batch", "heads", "head_dim", "repeats", "ceiling_size"):
+    for name in ("batch", "heads", "head_dim", "repeats", "ceiling_size", "ceiling_repeats"):
         if getattr(args, name) <= 0:
             build_parser().error(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(args, name)}")
     if args.longest:
         return run_longest(args)
     return run_sweep_cli(args)
-
-
 
 if __name__ == "__main__":
     sys.exit(main())

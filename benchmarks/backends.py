@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.flops import MODES
+from .flops import MODES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,11 @@ import numpy as np
 import attnjax
 import attnjax._src.attention as _attention
 
+try:
+    from .hostinfo import format_host
+except ImportError:  # run as a file: python benchmarks/kernel_profile.py
+    from hostinfo import format_host
+
 _INSTALLED = _attention.attention_chunked
 
 
@@ -127,7 +132,6 @@ def _run_config(cfg: str, a, chunks) -> None:
         print(line, flush=True)
 
 
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="fb4096,cfb4096,f8192")
@@ -140,8 +144,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     chunks = [tuple(map(int, c.split("x"))) for c in a.chunks.split(",")]
 
+    print(format_host(), flush=True)
     for cfg in a.configs.split(","):
         _run_config(cfg, a, chunks)
+
 
 if __name__ == "__main__":
     main()

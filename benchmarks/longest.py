@@ -14,7 +14,8 @@ from __future__ import annotations
 import resource
 import time
 
-from benchmarks.backends import Backend, Case
+from .backends import Backend, Case
+from .hostinfo import format_host
 
 GIB = 1 << 30
 
@@ -94,7 +95,8 @@ def longest_for(backend: Backend, *, budget_bytes: int, batch: int, heads: int, 
     return res
 
 
-def format_longest(results: list[dict]) -> str:
+def format_longest(results: list[dict], meta: dict | None = None) -> str:
+    """The table of :func:`longest_for` results, headed by the host line when ``meta`` is given."""
     header = ("impl", "longest T", "total GiB", "temp GiB", "confirmed T", "run s", "note")
     lines = []
     for r in results:
@@ -107,5 +109,6 @@ def format_longest(results: list[dict]) -> str:
             r["note"],
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in [header, ["-" * w for w in widths], *lines])
+    table = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in [header, ["-" * w for w in widths], *lines]]
+    return "\n".join(([format_host(meta)] if meta is not None else []) + table)

@@ -1,6 +1,7 @@
 """Compile-time temp memory of attention, materialised vs chunked, against sequence length.
 
 Usage: python benchmarks/memory_table.py [--max-log2 16] [--heads 8] [--head-dim 64]
+(or ``python -m attnjax.benchmarks.memory_table`` from an install)
 
 Nothing is executed: each configuration is only lowered and compiled, and XLA's
 ``memory_analysis().temp_size_in_bytes`` is read off (deterministic, any machine).
@@ -14,6 +15,11 @@ import jax
 import jax.numpy as jnp
 
 import attnjax
+
+try:
+    from .hostinfo import format_host
+except ImportError:  # run as a file: python benchmarks/memory_table.py
+    from hostinfo import format_host
 
 
 def temp_bytes(impl: str, T: int, *, grad: bool, heads: int, head_dim: int, causal=False) -> int:
@@ -38,6 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     a = p.parse_args(argv)
+    print(format_host())
     print(f"B=1, N={a.heads}, H={a.head_dim}, float32; XLA temp bytes from memory_analysis()")
     print("| T = S | xla fwd | xla fwd+bwd | xla_chunked fwd | xla_chunked fwd+bwd |")
     print("|---:|---:|---:|---:|---:|")

@@ -7,21 +7,40 @@ import json
 import math
 from pathlib import Path
 
+from .hostinfo import format_host
+
 MIB = 1 << 20
 
 CSV_FIELDS = ("impl", "dtype", "batch", "seq_len", "heads", "head_dim", "mode", "causal",
               "status", "median_s", "min_s", "max_s", "repeats", "flops", "gflops",
-              "frac_ceiling", "temp_bytes", "total_bytes", "compile_s", "note")
+              "frac_ceiling", "ceiling_gflops", "ceiling_min_gflops", "ceiling_max_gflops",
+              "temp_bytes", "total_bytes", "compile_s", "note")
+#: Host columns repeated on every CSV row (see :func:`hostinfo.host_info`), so that a CSV file
+#: read on its own still names the machine.
+CSV_HOST_FIELDS = ("cpu_model", "cpu_family_model", "isa", "usable_cores", "device", "jax",
+                   "torch", "torch_threads", "xla_flags")
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
-def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table, one line per cell."""
+def _range(lo, hi, spec: str) -> str:
+    if lo is None:
+        return "-"
+    a, b = format(lo, spec), format(hi, spec)
+    return a if a == b else f"{a}–{b}"
+
+
+def format_table(rows: list[dict], meta: dict | None = None) -> str:
+    """A fixed-width text table, one line per cell, headed by the host line when ``meta``
+    (a :func:`hostinfo.host_info` dict) is given.
+
+    ``%ceil`` is the cell's GFLOP/s over the matmul ceiling measured around it; ``ceil GFLOP/s``
+    is the min–max of the measurements bracketing the cell (one value when they agree).
+    """
     header = ("impl", "dtype", "T", "mode", "causal", "median s", "min–max s", "GFLOP/s",
-              "%ceil", "temp MiB", "compile s", "note")
+              "%ceil", "ceil GFLOP/s", "temp MiB", "compile s", "note")
     lines = []
     for r in rows:
         lines.append((
@@ -30,6 +49,7 @@ def format_table(rows: list[dict]) -> str:
             "-" if r["min_s"] is None else f"{r['min_s']:.4f}–{r['max_s']:.4f}",
             _fmt(r["gflops"], ".1f"),
             _fmt(None if r["frac_ceiling"] is None else 100 * r["frac_ceiling"], ".0f"),
+            _range(r.get("ceiling_min_gflops"), r.get("ceiling_max_gflops"), ".0f"),
             _fmt(None if r["temp_bytes"] is None else r["temp_bytes"] / MIB, ".0f", "n/a"),
             _fmt(r["compile_s"], ".2f", "n/a"),
             (r["status"] + ": " if r["status"] != "ok" else "") + r["note"]
@@ -37,13 +57,14 @@ def format_table(rows: list[dict]) -> str:
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    right = {2, 5, 6, 7, 8, 9, 10}
+    right = {2, 5, 6, 7, 8, 9, 10, 11}
 
     def fmt_line(cols):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cols, widths, strict=True))).rstrip()
 
-    out = [fmt_line(header), fmt_line(["-" * w for w in widths])]
+    out = [format_host(meta)] if meta is not None else []
+    out += [fmt_line(header), fmt_line(["-" * w for w in widths])]
     prev = None
     for r, line in zip(rows, lines, strict=True):
         group = (r["impl"], r["dtype"])
@@ -84,13 +105,20 @@ def write_json(result: dict, path: Path) -> Path:
     return path
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
+    """One line per cell; with ``meta``, the host columns :data:`CSV_HOST_FIELDS` on each."""
     path = Path(path)
+    host = {}
+    if meta is not None:
+        host = {k: meta.get(k) for k in CSV_HOST_FIELDS}
+        if isinstance(host["isa"], list):
+            host["isa"] = " ".join(host["isa"])
+    fields = CSV_FIELDS + (CSV_HOST_FIELDS if meta is not None else ())
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({**r, **host})
     return path
 
 

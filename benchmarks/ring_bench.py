@@ -17,6 +17,7 @@ Usage::
     python benchmarks/ring_bench.py                    # defaults below
     python benchmarks/ring_bench.py --total 16384 --per-device 2048 --repeats 3
     python benchmarks/ring_bench.py --no-time          # memory only (compile, never run)
+    python -m attnjax.benchmarks.ring_bench            # the same, from an install
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import attnjax  # noqa: E402
+
+try:
+    from .hostinfo import format_host
+except ImportError:  # run as a file: python benchmarks/ring_bench.py
+    from hostinfo import format_host
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 
@@ -103,6 +109,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-time", action="store_true", help="memory only")
     args = ap.parse_args(argv)
 
+    print(f"# {format_host()}\n")
     print(f"# ring attention, simulated CPU devices ({jax.device_count()} available); "
           f"B={args.batch} N={args.heads} H={args.head_dim} float32, "
           f"{'' if args.no_causal else 'causal, '}{args.layout}, chunk {args.chunk}, fwd+bwd\n")

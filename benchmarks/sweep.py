@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import platform
 import time
 
-from benchmarks.backends import MEMORY_EFFICIENT, Backend, Case, all_backends, median_min_max
-from benchmarks.flops import MODES, attention_flops
+from .backends import MEMORY_EFFICIENT, Backend, Case, all_backends, median_min_max
+from .flops import MODES, attention_flops
+from .hostinfo import host_info
 
 GIB = 1 << 30
 
 
 @dataclasses.dataclass
 class SweepConfig:
-    """What to run. See ``python -m benchmarks --help`` for the meaning of each field."""
+    """What to run. See ``attnjax-bench --help`` for the meaning of each field.
+
+    ``ceiling_repeats``: timed runs of the ceiling matmul per measurement (their median).
+    ``ceiling_reuse_s``: the measurement that ends a cell also opens the next one when that cell
+    starts timing less than this many seconds later; otherwise the ceiling is measured again.
+    """
 
     sizes: tuple[int, ...] = (1024, 2048, 4096)
     long_sizes: tuple[int, ...] = (8192,)
@@ -33,6 +36,8 @@ class SweepConfig:
     warmup_max_s: float = 1.0
     budget_bytes: int | None = None
     ceiling_n: int = 2048
+    ceiling_repeats: int = 3
+    ceiling_reuse_s: float = 10.0
     seed: int = 0
 
 
@@ -64,60 +69,73 @@ def default_budget_bytes() -> tuple[int, str]:
     return int(0.75 * total), f"75% of {total / GIB:.1f} GiB {what}"
 
 
+class MatmulCeiling:
+    """The matmul ceiling: a jitted ``n×n @ n×n`` matmul (``2·n³`` FLOPs), compiled once.
+
+    The sweep measures it again and again, right before and right after every timed cell, so
+    that a cell's share of the ceiling compares it with what the machine delivered at the same
+    time (the load on a shared machine changes during a run). Every measurement is kept in
+    :attr:`samples`.
+    """
+
+    def __init__(self, n: int = 2048, dtype: str = "float32"):
+        import jax
+        import jax.numpy as jnp
+
+        self.n, self.dtype = n, dtype
+        ka, kb = jax.random.split(jax.random.key(1))
+        self._a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
+        self._b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
+        self._f = jax.jit(jnp.dot).lower(self._a, self._b).compile()
+        self._block = jax.block_until_ready
+        self._block(self._f(self._a, self._b))  # warm-up
+        self._t0 = time.perf_counter()
+        self.samples: list[dict] = []
+        self.seconds = 0.0  # time spent measuring
+
+    def measure(self, repeats: int = 3) -> dict:
+        """Time ``repeats`` runs; returns (and keeps) ``{"t_s", "gflops", "median_s", ...}``."""
+        start = time.perf_counter()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self._block(self._f(self._a, self._b))
+            times.append(time.perf_counter() - t0)
+        med, lo, hi = median_min_max(times)
+        sample = {"t_s": start - self._t0, "gflops": 2 * self.n**3 / med / 1e9,
+                  "median_s": med, "min_s": lo, "max_s": hi, "repeats": repeats}
+        self.samples.append(sample)
+        self.seconds += time.perf_counter() - start
+        return sample
+
+    def age_s(self) -> float:
+        """Seconds since the end of the last measurement (infinite before the first)."""
+        if not self.samples:
+            return float("inf")
+        last = self.samples[-1]
+        return time.perf_counter() - self._t0 - last["t_s"] - last["repeats"] * last["median_s"]
+
+    def summary(self) -> dict:
+        """All measurements and their spread: ``gflops`` is the median over the samples."""
+        g = [s["gflops"] for s in self.samples]
+        med, lo, hi = median_min_max(g) if g else (None, None, None)
+        return {"n": self.n, "dtype": self.dtype, "gflops": med, "min_gflops": lo,
+                "max_gflops": hi, "count": len(g), "seconds": self.seconds,
+                "samples": list(self.samples)}
+
+
 def measure_matmul_ceiling(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> dict:
     """GFLOP/s of a jitted ``n×n @ n×n`` matmul (``2·n³`` FLOPs), median of ``repeats``."""
-    import jax
-    import jax.numpy as jnp
-
-    ka, kb = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
-    f = jax.jit(jnp.dot).lower(a, b).compile()
-    jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        times.append(time.perf_counter() - t0)
-    med, lo, hi = median_min_max(times)
-    flops = 2 * n**3
-    return {"n": n, "dtype": dtype, "median_s": med, "min_s": lo, "max_s": hi,
-            "gflops": flops / med / 1e9, "repeats": repeats}
+    return {"n": n, "dtype": dtype, **MatmulCeiling(n, dtype).measure(repeats)}
 
 
 def machine_info() -> dict:
-    import jax
-
-    info = {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "device": str(jax.devices()[0]),
-        "device_kind": jax.devices()[0].device_kind,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """:func:`hostinfo.host_info` plus the attnjax version."""
+    info = host_info()
     try:
         import attnjax
 
         info["attnjax"] = attnjax.__version__
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
     return info
@@ -145,13 +163,21 @@ def _row(backend: Backend, case: Case, flops: int) -> dict:
         "heads": case.heads, "head_dim": case.head_dim, "mode": case.mode, "causal": case.causal,
         "status": "ok", "note": "", "median_s": None, "min_s": None, "max_s": None,
         "repeats": 0, "flops": flops, "gflops": None, "frac_ceiling": None,
+        "ceiling_gflops": None, "ceiling_min_gflops": None, "ceiling_max_gflops": None,
         "temp_bytes": None, "total_bytes": None, "compile_s": None,
     }
 
 
 def run_cell(backend: Backend, case: Case, cfg: SweepConfig, ceiling_gflops: float | None,
-             est_s: float | None) -> dict:
-    """Compile, check the budgets, warm up and time one cell. Never raises."""
+             est_s: float | None, *, ceiling: MatmulCeiling | None = None) -> dict:
+    """Compile, check the budgets, warm up and time one cell. Never raises.
+
+    The cell's share of the matmul ceiling (``frac_ceiling``) is its GFLOP/s over
+    ``ceiling_gflops``, or, when ``ceiling`` is given, over the mean of two measurements of it
+    bracketing the timed runs: one right before (or the previous cell's closing one, when it is
+    less than ``cfg.ceiling_reuse_s`` old) and one right after. The row keeps the reference used
+    (``ceiling_gflops``) and the bracket's ``ceiling_min_gflops`` / ``ceiling_max_gflops``.
+    """
     flops = attention_flops(case.batch, case.heads, case.seq_len, case.seq_len, case.head_dim,
                             case.mode)
     row = _row(backend, case, flops)
@@ -172,6 +198,10 @@ def run_cell(backend: Backend, case: Case, cfg: SweepConfig, ceiling_gflops: flo
         run = compiled.make_runner(cfg.seed)
         if est_s is None or est_s <= cfg.warmup_max_s:
             run()  # warm-up, untimed
+        bracket = []
+        if ceiling is not None:
+            bracket.append(ceiling.samples[-1]["gflops"] if ceiling.age_s() < cfg.ceiling_reuse_s
+                           else ceiling.measure(cfg.ceiling_repeats)["gflops"])
         times: list[float] = []
         while len(times) < cfg.repeats:
             t0 = time.perf_counter()
@@ -179,10 +209,17 @@ def run_cell(backend: Backend, case: Case, cfg: SweepConfig, ceiling_gflops: flo
             times.append(time.perf_counter() - t0)
             if sum(times) >= cfg.max_cell_s:
                 break
+        if ceiling is not None:
+            bracket.append(ceiling.measure(cfg.ceiling_repeats)["gflops"])
+        elif ceiling_gflops:
+            bracket.append(ceiling_gflops)
         med, lo, hi = median_min_max(times)
         gflops = flops / med / 1e9
-        row.update(median_s=med, min_s=lo, max_s=hi, repeats=len(times), gflops=gflops,
-                   frac_ceiling=(gflops / ceiling_gflops) if ceiling_gflops else None)
+        row.update(median_s=med, min_s=lo, max_s=hi, repeats=len(times), gflops=gflops)
+        if bracket:
+            ref = sum(bracket) / len(bracket)
+            row.update(frac_ceiling=gflops / ref, ceiling_gflops=ref,
+                       ceiling_min_gflops=min(bracket), ceiling_max_gflops=max(bracket))
     except Exception as e:  # noqa: BLE001 - a failing cell is reported, the sweep goes on
         msg = f"{type(e).__name__}: {e}".splitlines()[0]
         row.update(status="error", note=msg[:160])
@@ -207,9 +244,10 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print,
             log(f"skipping {name}: {reason}")
     cfg = dataclasses.replace(cfg, impls=tuple(usable))
     t_start = time.perf_counter()
-    ceiling = measure_matmul_ceiling(cfg.ceiling_n)
-    log(f"matmul ceiling: jitted {cfg.ceiling_n}² float32 dot: {ceiling['gflops']:.0f} GFLOP/s "
-        f"(median of {ceiling['repeats']})")
+    ceiling = MatmulCeiling(cfg.ceiling_n)
+    first = ceiling.measure(cfg.ceiling_repeats)
+    log(f"matmul ceiling: jitted {cfg.ceiling_n}² float32 dot: {first['gflops']:.0f} GFLOP/s "
+        f"(median of {cfg.ceiling_repeats}; measured again around every timed cell)")
     cells = plan(cfg, backends)
     bar = None
     if progress:
@@ -227,7 +265,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print,
         if key in last:
             t_prev, s_prev = last[key]
             est = s_prev * (case.seq_len / t_prev) ** 2
-        row = run_cell(backend, case, cfg, ceiling["gflops"], est)
+        row = run_cell(backend, case, cfg, None, est, ceiling=ceiling)
         if row["status"] == "ok":
             last[key] = (case.seq_len, row["median_s"])
         elif row["status"] == "skipped" and est is not None:
@@ -241,7 +279,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print,
     meta = machine_info()
     meta["wall_s"] = time.perf_counter() - t_start
     meta["budget_bytes"] = cfg.budget_bytes
-    return {"meta": meta, "config": config, "ceiling": ceiling,
+    return {"meta": meta, "config": config, "ceiling": ceiling.summary(),
             "skipped_impls": skipped_impls, "rows": rows,
             "flop_convention": "fwd 4·B·N·T·S·H, fwd+bwd 12·B·N·T·S·H (causal: same count)"}
 

@@ -53,6 +53,35 @@ def visibility(
     return vis
 
 
+def visibility_np(B, N, T, S, *, mask=None, is_causal=False, window=None, query_offset=0,
+                  q_lengths=None, kv_lengths=None, q_segments=None, kv_segments=None):
+    """The same as :func:`visibility`, by broadcasting instead of loops (for long sequences).
+
+    Written from the definition like the loops (which the test suite checks it against)."""
+    offs = np.broadcast_to(np.asarray(query_offset, dtype=np.int64), (B,))
+    i = np.arange(T)[None, :, None]
+    j = np.arange(S)[None, None, :]
+    pos = i + offs[:, None, None]  # (B, T, 1)
+    vis = np.ones((B, T, S), dtype=bool)
+    if is_causal:
+        vis &= j <= pos
+    if window is not None:
+        left, right = (window, window) if np.isscalar(window) else window
+        vis &= (j >= pos - left) & (j <= pos + right)
+    if q_lengths is not None:
+        vis &= i < np.asarray(q_lengths)[:, None, None]
+    if kv_lengths is not None:
+        vis &= j < np.asarray(kv_lengths)[:, None, None]
+    if q_segments is not None:
+        vis &= np.asarray(q_segments)[:, :, None] == np.asarray(kv_segments)[:, None, :]
+    vis = np.broadcast_to(vis[:, None], (B, N, T, S)).copy()
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        vis &= np.broadcast_to(m, vis.shape)
+    return vis
+
+
 def _expand_bias(bias, shape):
     b = np.asarray(bias, dtype=np.float64)
     b = b.reshape((1,) * (4 - b.ndim) + b.shape)

@@ -1,19 +1,58 @@
-"""Unit tests of the benchmark harness (``benchmarks/``) on tiny sizes; no timing is asserted."""
+"""Unit tests of the benchmark harness on tiny sizes; no timing is asserted.
+
+The harness lives in ``benchmarks/`` at the top of the repository and installs as
+``attnjax.benchmarks`` (pyproject ``package-dir``).
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from benchmarks import __main__ as cli
-from benchmarks.backends import Case, TorchSdpaBackend, all_backends
-from benchmarks.flops import attention_flops
-from benchmarks.longest import longest_for
-from benchmarks.report import format_table, plot
-from benchmarks.sweep import SweepConfig, run_cell, run_sweep, speedups
+import attnjax
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _use_this_checkouts_benchmarks() -> None:
+    """Import ``attnjax.benchmarks`` from this checkout's ``benchmarks/``.
+
+    An install maps it there (editable or not). When attnjax itself is imported from this
+    checkout through ``PYTHONPATH`` instead (not installed, or another checkout installed), load
+    this checkout's folder under that name, as the editable install would.
+    """
+    if Path(attnjax.__file__).resolve().parents[1] != REPO or "attnjax.benchmarks" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "attnjax.benchmarks", REPO / "benchmarks" / "__init__.py",
+        submodule_search_locations=[str(REPO / "benchmarks")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    attnjax.benchmarks = module
+
+
+_use_this_checkouts_benchmarks()
+
+from attnjax.benchmarks import __main__ as cli  # noqa: E402
+from attnjax.benchmarks.backends import Case, TorchSdpaBackend, all_backends  # noqa: E402
+from attnjax.benchmarks.flops import attention_flops  # noqa: E402
+from attnjax.benchmarks.hostinfo import format_host, host_info  # noqa: E402
+from attnjax.benchmarks.longest import format_longest, longest_for  # noqa: E402
+from attnjax.benchmarks.report import format_table, plot  # noqa: E402
+from attnjax.benchmarks.sweep import (  # noqa: E402
+    MatmulCeiling,
+    SweepConfig,
+    run_cell,
+    run_sweep,
+    speedups,
+)
 
 TINY = dict(batch=1, heads=2, head_dim=8)
 
@@ -82,10 +121,20 @@ def test_tiny_sweep_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "median s" in text and "GFLOP/s" in text and "%ceil" in text
+    assert "ceil GFLOP/s" in text and "Over this run the ceiling measured" in text
     assert "attnjax.xla_chunked vs jax.nn" in text
 
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
+    # The machine is named in the JSON and on the line right above the table's header.
+    meta = result["meta"]
+    for key in ("cpu_model", "isa", "avx512", "usable_cores", "cpu_count", "jax", "torch"):
+        assert key in meta, key
+    assert meta["cpu_model"] and meta["jax"]
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("impl "))
+    assert lines[header - 1] == format_host(meta)
+    assert f"host: {meta['cpu_model']}" in lines[header - 1] and "jax " in lines[header - 1]
     # jax.nn: the size 16 only; xla_chunked: 16 and the long size 32; × 2 modes.
     assert sorted((r["impl"], r["seq_len"], r["mode"]) for r in rows) == [
         ("attnjax.xla_chunked", 16, "fwd"), ("attnjax.xla_chunked", 16, "fwd+bwd"),
@@ -98,12 +147,27 @@ def test_tiny_sweep_writes_table_json_csv_and_plot(tmp_path, capsys):
         assert r["flops"] == attention_flops(1, 2, r["seq_len"], r["seq_len"], 8, r["mode"])
         assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
         assert r["temp_bytes"] is not None and r["compile_s"] > 0
-    assert result["ceiling"]["n"] == 128 and result["ceiling"]["gflops"] > 0
+    # The ceiling is measured around every timed cell: one measurement before the first cell,
+    # then at least one per cell (the closing one), at most two.
+    ceil = result["ceiling"]
+    assert ceil["n"] == 128 and len(ceil["samples"]) == ceil["count"]
+    assert len(rows) + 1 <= ceil["count"] <= 2 * len(rows) + 1
+    gs = [c["gflops"] for c in ceil["samples"]]
+    assert ceil["min_gflops"] == min(gs) and ceil["max_gflops"] == max(gs) > 0
+    assert ceil["min_gflops"] <= ceil["gflops"] <= ceil["max_gflops"]
+    assert [c["t_s"] for c in ceil["samples"]] == sorted(c["t_s"] for c in ceil["samples"])
+    for r in rows:
+        assert ceil["min_gflops"] <= r["ceiling_min_gflops"] <= r["ceiling_gflops"]
+        assert r["ceiling_gflops"] <= r["ceiling_max_gflops"] <= ceil["max_gflops"]
+        assert r["frac_ceiling"] == pytest.approx(r["gflops"] / r["ceiling_gflops"])
 
     with (out / "results.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert [(c["impl"], int(c["seq_len"]), c["mode"]) for c in csv_rows] == [
         (r["impl"], r["seq_len"], r["mode"]) for r in rows]
+    for c, r in zip(csv_rows, rows, strict=True):
+        assert c["cpu_model"] == meta["cpu_model"] and c["jax"] == meta["jax"]
+        assert float(c["ceiling_gflops"]) == pytest.approx(r["ceiling_gflops"])
 
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -172,6 +236,91 @@ def test_table_and_speedups_from_rows():
     assert "skipped: est. 9.0 s/run" in table and "n/a" in table and "50" in table
     (sp,) = speedups(rows)
     assert sp["vs jax.nn"] == pytest.approx(2.0) and sp["vs torch.sdpa"] == pytest.approx(0.8)
+
+
+class _FakeCeiling:
+    """Stands in for MatmulCeiling: hands out fixed GFLOP/s values, one per measurement."""
+
+    def __init__(self, values):
+        self._values = list(values)
+        self.samples = []
+
+    def age_s(self):
+        return float("inf")
+
+    def measure(self, repeats):
+        sample = {"gflops": self._values.pop(0), "repeats": repeats}
+        self.samples.append(sample)
+        return sample
+
+
+def test_cell_share_of_ceiling_uses_the_measurements_around_it():
+    backend = all_backends()["attnjax.xla_chunked"]
+    ceiling = _FakeCeiling([100.0, 300.0])
+    row = run_cell(backend, Case(1, 32, 2, 8), SweepConfig(repeats=1, **TINY),
+                   ceiling_gflops=None, est_s=None, ceiling=ceiling)
+    assert row["status"] == "ok" and len(ceiling.samples) == 2  # one before, one after
+    assert (row["ceiling_min_gflops"], row["ceiling_gflops"], row["ceiling_max_gflops"]) == (
+        100.0, 200.0, 300.0)
+    assert row["frac_ceiling"] == pytest.approx(row["gflops"] / 200.0)
+    table = format_table([row])
+    assert "ceil GFLOP/s" in table.splitlines()[0] and "100–300" in table
+
+
+def test_matmul_ceiling_keeps_every_measurement():
+    ceiling = MatmulCeiling(64)
+    for _ in range(3):
+        ceiling.measure(repeats=2)
+    summary = ceiling.summary()
+    assert summary["count"] == 3 and [s["repeats"] for s in summary["samples"]] == [2, 2, 2]
+    gs = [s["gflops"] for s in summary["samples"]]
+    assert summary["min_gflops"] == min(gs) and summary["max_gflops"] == max(gs)
+    assert ceiling.age_s() >= 0
+
+
+def test_host_info_names_the_machine():
+    info = host_info()
+    assert info["cpu_model"] and info["jax"] and info["usable_cores"] >= 1
+    assert info["isa"] is None or set(info["isa"]) <= {
+        "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile"}
+    assert info["avx512"] is None or info["avx512"] == ("avx512f" in info["isa"])
+    json.dumps(info)  # serialisable as is
+    line = format_host(info)
+    assert line.startswith(f"host: {info['cpu_model']}") and f"jax {info['jax']}" in line
+    # The vector ISA is spelled out, whichever host this runs on.
+    fake = dict(info, isa=["avx2", "fma", "avx512f"], avx512=True, torch="2.5.1",
+                torch_threads=2)
+    assert "AVX-512" in format_host(fake) and "torch 2.5.1 (2 threads)" in format_host(fake)
+    fake.update(isa=["avx2", "fma"], avx512=False, torch=None, torch_threads=None)
+    assert "AVX2, no AVX-512" in format_host(fake) and "torch not installed" in format_host(fake)
+    assert "ISA flags unknown" in format_host(dict(info, isa=None, avx512=None))
+
+
+def test_installed_layout_has_no_top_level_benchmarks():
+    """pip installs benchmarks/ as attnjax.benchmarks, never as a top-level ``benchmarks``."""
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    st = cfg["tool"]["setuptools"]
+    packages, package_dir = st["packages"], st.get("package-dir", {})
+    assert {p.split(".")[0] for p in packages} == {"attnjax"}
+    assert package_dir == {"attnjax.benchmarks": "benchmarks"}
+    for pkg in packages:
+        folder = REPO / package_dir.get(pkg, pkg.replace(".", "/"))
+        assert (folder / "__init__.py").is_file(), pkg
+    # The explicit list misses no package under attnjax/ (setuptools would silently drop it).
+    found = {".".join(p.parent.relative_to(REPO).parts)
+             for p in (REPO / "attnjax").rglob("__init__.py")}
+    assert found <= set(packages)
+    module, _, func = cfg["project"]["scripts"]["attnjax-bench"].partition(":")
+    assert module == "attnjax.benchmarks.__main__" and getattr(cli, func) is cli.main
+    assert cli.__name__ == module
+
+
+def test_longest_table_names_the_host():
+    meta = host_info()
+    res = longest_for(TorchSdpaBackend(), budget_bytes=1 << 30, dtype="float32",
+                      log=lambda _: None, **TINY)
+    table = format_longest([res], meta=meta)
+    assert table.splitlines()[0] == format_host(meta)
 
 
 def test_longest_search_stops_at_budget():
