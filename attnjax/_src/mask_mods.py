@@ -133,7 +133,10 @@ def alibi(slopes) -> ScoreMod:
     differentiable when traced)."""
     def score_mod(score, b, h, q_idx, kv_idx):
         del b
-        return score - slopes[h].astype(score.dtype) * (q_idx - kv_idx).astype(score.dtype)
+        dt = score.dtype
+        # Convert the (broadcast, small) position vectors before combining them: one int->float
+        # conversion per position, not per score entry (exact below 2**24 positions).
+        return score - slopes[h].astype(dt) * (q_idx.astype(dt) - kv_idx.astype(dt))
 
     return score_mod
 
