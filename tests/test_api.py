@@ -155,9 +155,10 @@ BAD = [
     ),
     (
         "implementation",
-        dict(implementation="cudnn"),
+        dict(implementation="flash"),
         ValueError,
-        r"implementation must be one of \('xla', 'xla_chunked'\) or None, got 'cudnn'",
+        r"implementation must be one of \('xla', 'xla_chunked', 'cudnn', 'splash'\) or None, "
+        r"got 'flash'",
     ),
     (
         "chunk_zero",

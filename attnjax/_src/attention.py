@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import chex
@@ -11,18 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax._src import dropout as dropout_lib
-from attnjax._src import flex
-from attnjax._src.chunked import attention_chunked
+from attnjax._src import flex, registry
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo, to_grouped
 from attnjax._src.numerics import compute_dtype
-from attnjax._src.xla import attention_xla
+from attnjax._src.registry import AUTO_MATERIALISE_MAX_SCORES as AUTO_MATERIALISE_MAX_SCORES
 
-IMPLEMENTATIONS = ("xla", "xla_chunked")
-
-# implementation=None picks "xla" while the full score tensor B·N·T·S stays at most this many
-# elements (16 MiB of float32), and "xla_chunked" beyond.
-AUTO_MATERIALISE_MAX_SCORES = 1 << 22
+# Every registered implementation name (see attnjax._src.registry).
+IMPLEMENTATIONS = registry.names()
 
 
 def _shape_str(x) -> str:
@@ -339,13 +336,17 @@ def dot_product_attention(
     kv_lens = lengths("key_value_seq_lengths", key_value_seq_lengths, S)
 
     offset = None
+    offset_kind, static_offset = "none", 0
     if query_offset is not None:
         if isinstance(query_offset, int | np.integer) and not isinstance(query_offset, bool):
             offset = None if int(query_offset) == 0 else jnp.asarray(int(query_offset), jnp.int32)
+            offset_kind = "none" if offset is None else "static"
+            static_offset = int(query_offset)
         else:
             off = jnp.asarray(query_offset)
             if not jnp.issubdtype(off.dtype, jnp.integer):
                 raise TypeError(f"query_offset must be an int or an integer array, got {off.dtype}")
+            offset_kind = "array"
             if off.ndim == 0:
                 offset = off.astype(jnp.int32)
             elif off.shape == (B,):
@@ -384,8 +385,7 @@ def dot_product_attention(
             scale = float(scale)
         except TypeError:
             raise TypeError(f"scale must be a float or None, got {scale!r}") from None
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    registry.check_name(implementation)
     # ---- flexible attention: mask_mod, score_mod, block_mask, sinks ----
     if block_mask is not None:
         flex.check_block_mask(block_mask, B, N, T, S, mask_mod, query_offset)
@@ -405,25 +405,42 @@ def dot_product_attention(
                 f"{tuple(block_mask.block_size)}; omit chunk_size (the block mask sets it)"
             )
         chunks = ChunkSize(*block_mask.block_size)
-    if implementation is None:
-        implementation = "xla" if B * N * T * S <= AUTO_MATERIALISE_MAX_SCORES else "xla_chunked"
 
     mask5 = None if mask is None else to_grouped(mask, K, T, S, False)
-    bias5 = None if bias is None else to_grouped(bias, K, T, S, 0)
     info = MaskInfo(
         q_len=T, kv_len=S, is_causal=bool(is_causal), window=window, query_offset=offset,
         q_lengths=q_lens, kv_lengths=kv_lens, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
         mask=mask5, **flex.mod_fields(mask_mod, score_mod, block_mask, B, N, K, T, S,
                                       compute_dtype(query.dtype)),
     )
-    common = dict(scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=float(dropout_rate),
-                  seed=seed, precision=precision)
-    if implementation == "xla":
-        out, lse = attention_xla(query, key, value, bias, info, **common)
-    else:
-        _reject_forward_mode(implementation, query, key, value, bias, logits_soft_cap)
-        cq, ck = chunks.resolve(T, S)
-        out, lse = attention_chunked(query, key, value, bias5, info, q_chunk=cq, k_chunk=ck, **common)
+    features = registry.CallFeatures(
+        platform=registry.current_platform(), tpu_interpret=registry.tpu_interpret_mode(),
+        dtype=registry.dtype_name(query.dtype), batch=B, q_len=T, kv_len=S, num_heads=N,
+        num_kv_heads=K, head_dim=H, value_head_dim=value.shape[3], is_causal=bool(is_causal),
+        window=window, offset=offset_kind, static_offset=static_offset,
+        q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None,
+        mask=mask is not None, bias=bias is not None,
+        bias_shape=None if bias is None else tuple(bias.shape),
+        soft_cap=logits_soft_cap is not None,
+        soft_cap_traced=isinstance(logits_soft_cap, jax.core.Tracer | jax.Array),
+        dropout=dropout_rate > 0.0,
+        return_residual=bool(return_residual), precision=precision is not None,
+        flex=mask_mod is not None or score_mod is not None or block_mask is not None,
+    )
+    capture = getattr(_explain_state, "capture", None)
+    if capture is not None:
+        capture.append(features)
+        raise _Captured  # explain_dispatch: stop before any implementation is traced
+    impl = registry.select(features, implementation)
+    call = registry.Call(
+        query=query, key=key, value=value, bias=bias, mask=mask, q_lengths=q_lens,
+        kv_lengths=kv_lens, q_segment_ids=q_seg, kv_segment_ids=kv_seg, offset=offset, info=info,
+        scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=float(dropout_rate), seed=seed,
+        precision=precision, chunks=chunks, features=features,
+    )
+    if not impl.forward_mode:
+        _reject_forward_mode(impl.name, query, key, value, bias, logits_soft_cap)
+    out, lse = impl(call)
     if sinks is not None:
         out, lse = flex.apply_sinks(out, lse, sinks)
     chex.assert_shape(out, (B, T, N, value.shape[3]))
@@ -433,3 +450,42 @@ def dot_product_attention(
     if return_residual:
         return out, lse.astype(out.dtype)
     return out
+
+
+_explain_state = threading.local()
+
+
+class _Captured(Exception):
+    pass
+
+
+def explain_dispatch(query, key, value, bias=None, mask=None, **kwargs) -> registry.DispatchReport:
+    """Which implementation :func:`dot_product_attention` would use for this call, and why.
+
+    Takes exactly the arguments of :func:`dot_product_attention` (arrays or
+    ``jax.ShapeDtypeStruct``-like arrays; nothing is computed: the call is traced abstractly) and
+    returns a :class:`~attnjax._src.registry.DispatchReport`; ``print`` it for a table with, for
+    every registered implementation, whether it can serve the call and, if not, why.
+    ``report.chosen`` is the name ``implementation=None`` picks (or, for a named
+    ``implementation``, that name, or a note that the call would raise).
+
+    Example:
+      >>> q = k = v = jnp.zeros((2, 1024, 8, 64), jnp.bfloat16)
+      >>> print(attnjax.explain_dispatch(q, k, v, is_causal=True))
+    """
+    implementation = kwargs.get("implementation")
+    registry.check_name(implementation)
+    captured: list = []
+    _explain_state.capture = captured
+
+    def trace(query, key, value, bias, mask):
+        try:
+            dot_product_attention(query, key, value, bias, mask, **kwargs)
+        except _Captured:
+            pass
+
+    try:
+        jax.eval_shape(trace, query, key, value, bias, mask)
+    finally:
+        _explain_state.capture = None
+    return registry.explain(captured[0], implementation)

@@ -411,6 +411,18 @@ def _axis_size(axis_name) -> int:
         ) from None
 
 
+def _check_ring_implementation(implementation) -> None:
+    from attnjax._src import registry
+
+    registry.check_name(implementation)
+    if implementation not in (None, "xla_chunked"):
+        raise ValueError(
+            f"ring attention runs its blocks with implementation='xla_chunked' (it merges the "
+            f"blocks' online-softmax statistics); implementation={implementation!r} cannot serve "
+            "it. Use None or 'xla_chunked'."
+        )
+
+
 def ring_attention(
     query,
     key,
@@ -430,6 +442,7 @@ def ring_attention(
     chunk_size: ChunkSize | int | tuple[int, int] | None = None,
     precision=None,
     return_residual: bool = False,
+    implementation: str | None = None,
     mask_mod=None,
     score_mod=None,
     sinks=None,
@@ -479,6 +492,9 @@ def ring_attention(
         to q, k, v and ``sinks``; gradients with respect to arrays a ``score_mod`` closes over
         are not implemented in the ring yet: asking for them under ``jit(grad(...))`` raises a
         ``TypeError``, and where that cannot be detected they come back as NaN (never zero).
+      implementation: the per-block kernel: ``None`` or ``"xla_chunked"`` (the only one that
+        returns the per-block log-sum-exp and accepts the carried statistics the ring merges);
+        any other registered name raises ``ValueError`` with that reason.
 
     Returns:
       This device's output rows ``(B, T/P, N, Hv)`` (the same order as ``query``), or
@@ -552,6 +568,7 @@ def ring_attention(
     _reject_forward_mode("ring_attention", q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(H)
+    _check_ring_implementation(implementation)
     chunks = as_chunk_size(chunk_size)
     cq, ck = chunks.resolve(q_seg, k_seg)
     nq, nk = -(-q_seg // cq), -(-k_seg // ck)
