@@ -190,8 +190,8 @@ def _grads(fn, data, argnums):
 # The default run: every case in the chunked kernel, a few in the others; the rest is slow.
 QUICK = {
     "chunked": [c.name for c in CASES],
-    "xla": ["causal", "alibi", "t5", "sinks_empty_rows", "document"],
-    "chunked_block_mask": ["causal_offset", "doc_causal", "per_head", "sinks", "prefix"],
+    "xla": ["alibi", "t5", "sinks_empty_rows"],
+    "chunked_block_mask": ["causal_offset", "doc_causal", "per_head"],
 }
 GRID = [pytest.param(c, impl, id=f"{c.name}-{impl}",
                      marks=() if c.name in QUICK[impl] else pytest.mark.slow)
