@@ -12,6 +12,9 @@ Public API (import from here; ``attnjax._src`` is private and may change without
   multi-token steps, sliding-window ring buffer, split-K reads of the cache).
 * Submodules :mod:`attnjax.nnx` (``MultiHeadAttention``) and :mod:`attnjax.linen`
   (``MultiHeadDotProductAttention``): drop-in Flax modules.
+* :func:`create_block_mask`, :class:`BlockMask` and the module :mod:`attnjax.masks`: flexible
+  attention (``mask_mod`` / ``score_mod`` / ``sinks`` of :func:`dot_product_attention`) with
+  block skipping.
 * :func:`ring_attention`, :func:`ring_attention_sharded`, :func:`zigzag_permute`,
   :func:`zigzag_unpermute`: exact attention over a sequence split across devices.
 * :func:`pallas_interpret`: run the Pallas kernels (``implementation="pallas_gpu"``) in Pallas
@@ -19,6 +22,7 @@ Public API (import from here; ``attnjax._src`` is private and may change without
 """
 
 from attnjax import linen as linen
+from attnjax import masks as masks
 from attnjax import nnx as nnx
 from attnjax._src.attention import IMPLEMENTATIONS as IMPLEMENTATIONS
 from attnjax._src.attention import dot_product_attention as dot_product_attention
@@ -27,6 +31,8 @@ from attnjax._src.config import ChunkSize as ChunkSize
 from attnjax._src.decode import KVCache as KVCache
 from attnjax._src.decode import cached_attention as cached_attention
 from attnjax._src.flax_fn import flax_attention_fn as flax_attention_fn
+from attnjax._src.flex import BlockMask as BlockMask
+from attnjax._src.flex import create_block_mask as create_block_mask
 from attnjax._src.pallas_config import pallas_interpret as pallas_interpret
 from attnjax._src.registry import target_platform as target_platform
 from attnjax._src.ring import ring_attention as ring_attention

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax._src import dropout as dropout_lib
-from attnjax._src import pallas_config, registry
+from attnjax._src import flex, pallas_config, registry
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo, to_grouped
+from attnjax._src.numerics import compute_dtype
 from attnjax._src.registry import AUTO_MATERIALISE_MAX_SCORES as AUTO_MATERIALISE_MAX_SCORES
 
 # Every registered implementation name (see attnjax._src.registry).
@@ -132,6 +133,10 @@ def dot_product_attention(
     chunk_size: ChunkSize | int | tuple[int, int] | None = None,
     precision=None,
     return_residual: bool = False,
+    mask_mod=None,
+    score_mod=None,
+    block_mask: flex.BlockMask | None = None,
+    sinks=None,
 ):
     r"""Scaled dot-product attention, exact, in memory linear in sequence length.
 
@@ -155,7 +160,8 @@ def dot_product_attention(
       ``i + query_offset[b] - left <= j <= i + query_offset[b] + right``
       (an int ``w`` means ``(w, w)``);
     * ``i < query_seq_lengths[b]`` and ``j < key_value_seq_lengths[b]``;
-    * ``query_segment_ids[b, i] == key_value_segment_ids[b, j]``.
+    * ``query_segment_ids[b, i] == key_value_segment_ids[b, j]``;
+    * ``mask_mod(b, n, i + query_offset[b], j)``, if given.
 
     **Fully masked rows.** A query row that sees no key at all (by any combination of masks)
     gets an output of exactly zero, zero gradients and a log-sum-exp of ``-inf``, in every dtype
@@ -213,6 +219,23 @@ def dot_product_attention(
       return_residual: also return the log-sum-exp of the (masked, scaled) logits, shape
         ``(BTN|TN)``, in the input dtype as in ``jax.nn``. Unlike ``jax.nn``, it is
         differentiable.
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend), element-wise in jnp
+        operations; attnjax calls it on broadcast int32 index arrays of a whole block. ``h`` is
+        the query head, ``kv_idx`` the key position and ``q_idx = i + query_offset`` the query's
+        position among the keys. It may index arrays it closes over
+        (``doc[b, q_idx] == doc[b, kv_idx]``). ANDed with every other mask.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on the scaled logits
+        after the soft cap and before bias and masks (compute dtype, same shape). Gradients
+        flow to every array it closes over (an ALiBi slope, a bias table), in every
+        implementation.
+      block_mask: an :class:`attnjax.BlockMask` from :func:`attnjax.create_block_mask`, built
+        for this call's ``(B|1, N|1, T, S)``: ``"xla_chunked"`` then visits only non-empty
+        blocks and skips the mask on full ones; its block size sets the chunk size. Its
+        ``mask_mod`` applies when ``mask_mod`` is not given (if given, it must be the same
+        callable).
+      sinks: float ``(N,)`` learnable per-head sink logits: the softmax denominator of head
+        ``n`` gains ``exp(sinks[n])`` (no value attached). Differentiable. A fully masked row
+        then gives zeros and a log-sum-exp of ``sinks[n]``.
 
     Returns:
       The attention output ``(BTNHv|TNHv)`` in the input dtype, or ``(output, lse)`` when
@@ -363,13 +386,32 @@ def dot_product_attention(
         except TypeError:
             raise TypeError(f"scale must be a float or None, got {scale!r}") from None
     registry.check_name(implementation)
+    # ---- flexible attention: mask_mod, score_mod, block_mask, sinks ----
+    if block_mask is not None:
+        flex.check_block_mask(block_mask, B, N, T, S, mask_mod, query_offset)
+        if mask_mod is None:
+            mask_mod = block_mask.mask_mod
+    flex.check_mods(mask_mod, score_mod, B, N, T, S, compute_dtype(query.dtype))
+    if sinks is not None:
+        sinks = jnp.asarray(sinks)
+        _check_float("sinks", sinks)
+        if sinks.shape != (N,):
+            raise ValueError(f"sinks must have shape (N,) = ({N},), got {_shape_str(sinks)}")
     chunks = as_chunk_size(chunk_size, B * N)
+    if block_mask is not None:
+        if chunk_size is not None and chunks.resolve(T, S) != tuple(block_mask.block_size):
+            raise ValueError(
+                f"chunk_size={chunk_size!r} disagrees with the block_mask's block size "
+                f"{tuple(block_mask.block_size)}; omit chunk_size (the block mask sets it)"
+            )
+        chunks = ChunkSize(*block_mask.block_size)
 
     mask5 = None if mask is None else to_grouped(mask, K, T, S, False)
     info = MaskInfo(
         q_len=T, kv_len=S, is_causal=bool(is_causal), window=window, query_offset=offset,
         q_lengths=q_lens, kv_lengths=kv_lens, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-        mask=mask5,
+        mask=mask5, **flex.mod_fields(mask_mod, score_mod, block_mask, B, N, K, T, S,
+                                      compute_dtype(query.dtype)),
     )
     features = registry.CallFeatures(
         platform=registry.current_platform(), tpu_interpret=registry.tpu_interpret_mode(),
@@ -384,6 +426,7 @@ def dot_product_attention(
         dropout=dropout_rate > 0.0,
         return_residual=bool(return_residual), precision=precision is not None,
         pallas_interpret=pallas_config.interpret_enabled(),
+        flex=mask_mod is not None or score_mod is not None or block_mask is not None,
     )
     capture = getattr(_explain_state, "capture", None)
     if capture is not None:
@@ -399,6 +442,8 @@ def dot_product_attention(
     if not impl.forward_mode:
         _reject_forward_mode(impl.name, query, key, value, bias, logits_soft_cap)
     out, lse = impl(call)
+    if sinks is not None:
+        out, lse = flex.apply_sinks(out, lse, sinks)
     chex.assert_shape(out, (B, T, N, value.shape[3]))
     chex.assert_shape(lse, (B, T, N))
     if unbatched:

@@ -34,9 +34,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnjax._src import dropout as dropout_lib
+from attnjax._src import flex
 from attnjax._src.masks import KQ, QK, MaskInfo, slice_block
 from attnjax._src.numerics import compute_dtype, dot_general
 
@@ -71,10 +73,11 @@ def _mm(a, b, contract_a: int, contract_b: int, precision, cdt):
                        precision=precision, out_dtype=cdt)
 
 
-def _logits(s, st: _Static, bias_blk, vis, cap=None):
-    """Scale, soft-cap, bias and mask one raw score block (in its compute dtype).
+def _logits(s, st: _Static, bias_blk, vis, cap=None, smod=None):
+    """Scale, soft-cap, score_mod, bias and mask one raw score block (in its compute dtype).
 
     ``cap`` is a traced soft cap (a scalar array), used instead of ``st.logits_soft_cap``.
+    ``smod``: the user's ``score_mod`` on this block (a function of the block), or ``None``.
     Returns ``(logits, t, u)``: ``t = tanh(u)`` and ``u`` = the scaled score over the cap, or
     ``None, None`` without a soft cap."""
     cdt = s.dtype
@@ -86,11 +89,28 @@ def _logits(s, st: _Static, bias_blk, vis, cap=None):
         u = s / c
         t = jnp.tanh(u)
         s = c * t
+    if smod is not None:
+        s = smod(s)
     if bias_blk is not None:
         s = s + bias_blk.astype(cdt)
     if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
     return s, t, u
+
+
+def _table_loops(counts, idx, masked_body, plain_body, carry):
+    """Visit the partial blocks ``idx[0][:counts[0]]`` masked, then the full blocks
+    ``idx[1][:counts[1]]`` unmasked (a block-sparse row of a class table)."""
+    (pn, fn), (pi, fi) = counts, idx
+    carry = lax.fori_loop(0, pn, lambda t, c: masked_body(pi[t], c), carry)
+    return lax.fori_loop(0, fn, lambda t, c: plain_body(fi[t], c), carry)
+
+
+def _row_lists(table):
+    """Per row of a class table: (partial count, full count), (partial idx, full idx)."""
+    pn, pi = flex._lists(table, flex.PARTIAL)
+    fn, fi = flex._lists(table, flex.FULL)
+    return (pn, fn), (pi, fi)
 
 
 def _three_loops(ranges, masked_body, plain_body, carry, always_masked: bool):
@@ -132,10 +152,12 @@ def _needs_mask(info: MaskInfo, st: _Static) -> bool:
     return not info.is_trivial(st.num_k * st.k_chunk)
 
 
-def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None):
+def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None, sconsts=None):
     """Chunked forward on ``qc (nq, B, K, G, cq, H)``, ``kc/vc (nk, B, K, ck, H|Hv)``.
 
     ``cap``: a traced soft cap (scalar array), or ``None`` (``st.logits_soft_cap`` applies).
+    ``sconsts``: the arrays ``info.score_mod`` closes over, as kernel operands (or ``None``:
+    ``info.score_consts``).
 
     Returns ``out (nq, B, K, G, cq, Hv)`` (q's dtype) and ``lse (nq, B, K, G, cq)`` (f32).
     """
@@ -148,14 +170,16 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None):
     cdt = compute_dtype(qc.dtype)
     vma = _vma(qc, kc, vc, bias5, info, seed)
     custom = (st.scale != 1.0 or st.logits_soft_cap is not None or cap is not None
-              or bias5 is not None)
+              or bias5 is not None or info.score_mod is not None)
+    table = info.block_table(cq, ck, nq, nk) if needs_mask else None
+    lists = None if table is None else _row_lists(table)
     # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
     qc = qc.reshape(nq, BK, R, H)
     kc = kc.reshape(nk, BK, ck, H)
     vc = vc.reshape(nk, BK, ck, Hv)
 
     def q_step(xs):
-        i, qb = xs
+        i, qb, row = xs
         q_start = i * cq
 
         def make_body(masked: bool):
@@ -169,7 +193,11 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None):
                 if custom or vis is not None:
                     bias_blk = (None if bias5 is None
                                 else slice_block(bias5, q_start, cq, k_start, ck, QK))
-                    s5, _, _ = _logits(s.reshape(B, K, G, cq, ck), st, bias_blk, vis, cap)
+                    smod = None
+                    if info.score_mod is not None:
+                        def smod(x):
+                            return info.apply_score_mod(x, q_start, cq, k_start, ck, QK, sconsts)
+                    s5, _, _ = _logits(s.reshape(B, K, G, cq, ck), st, bias_blk, vis, cap, smod)
                     s = s5.reshape(BK, R, ck)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -191,7 +219,9 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None):
             jnp.zeros((BK, R), cdt),
             jnp.zeros((BK, R, Hv), cdt),
         ))
-        if needs_mask:
+        if row is not None:
+            carry = _table_loops(*row, make_body(True), make_body(False), carry)
+        elif needs_mask:
             ranges = info.key_block_ranges(q_start, cq, ck, nk)
             carry = _three_loops(ranges, make_body(True), make_body(False), carry, info.has_dense)
         else:
@@ -202,16 +232,18 @@ def _forward(qc, kc, vc, bias5, info: MaskInfo, seed, st: _Static, cap=None):
         lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
         return out.astype(qc.dtype), lse
 
-    out, lse = lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc))
+    out, lse = lax.map(q_step, (jnp.arange(nq, dtype=jnp.int32), qc, lists))
     return out.reshape(nq, B, K, G, cq, Hv), lse.reshape(nq, B, K, G, cq)
 
 
 def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st: _Static,
-              cap=None):
+              cap=None, sconsts=None):
     """Chunked backward (key blocks outer), same layouts as :func:`_forward`.
 
     Returns ``dqc, dkc, dvc, dbias5, dcap`` in the layouts (and dtypes) of
-    ``qc, kc, vc, bias5, cap`` (``dcap`` is ``None`` without a traced ``cap``).
+    ``qc, kc, vc, bias5, cap`` (``dcap`` is ``None`` without a traced ``cap``), and, when
+    ``sconsts`` (the arrays ``info.score_mod`` closes over) is given, a sixth item: their
+    cotangents (float0 zeros for integer arrays).
     """
     nq, B, K, G, cq, H = qc.shape
     nk, ck = st.num_k, st.k_chunk
@@ -222,7 +254,13 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     dt = qc.dtype
     cdt = compute_dtype(dt)
     custom = (st.scale != 1.0 or st.logits_soft_cap is not None or cap is not None
-              or bias5 is not None)
+              or bias5 is not None or info.score_mod is not None)
+    table = info.block_table(cq, ck, nq, nk) if needs_mask else None
+    lists = None if table is None else _row_lists(table.T)
+    want_dconsts = sconsts is not None
+    sconsts = info.score_consts if sconsts is None else tuple(sconsts)
+    # Cotangents of the score_mod's closed-over arrays: accumulated for floating ones only.
+    diff = tuple(i for i, c in enumerate(sconsts) if jnp.issubdtype(c.dtype, jnp.inexact))
     # Rank-3 blocks (free reshapes of the row-major 5-d/6-d layouts).
     qc = qc.reshape(nq, BK, R, H)
     kc = kc.reshape(nk, BK, ck, H)
@@ -240,16 +278,18 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     dq_t0 = _varying(jnp.zeros((nq, BK, H, R), cdt), vma)
     dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, cdt), vma)
     dcap0 = None if cap is None else _varying(jnp.zeros((), cdt), vma)
+    dsc0 = tuple(_varying(jnp.zeros(sconsts[i].shape, compute_dtype(sconsts[i].dtype)), vma)
+                 for i in diff)
 
     def k_step(carry, xs):
-        dq_t, (dbias, dcap) = carry
-        j, kb, vb = xs
+        dq_t, (dbias, dcap, dsc) = carry
+        j, kb, vb, row = xs
         k_start = j * ck
         k_t = jnp.swapaxes(kb, -1, -2)  # (BK, H, ck): one small transpose per key block
 
         def make_body(masked: bool):
             def body(i, c):
-                dk, dv, dq_t, (dbias, dcap) = c
+                dk, dv, dq_t, (dbias, dcap, dsc) = c
                 qb = lax.dynamic_index_in_dim(qc, i, keepdims=False)
                 dob = lax.dynamic_index_in_dim(dout, i, keepdims=False)
                 lse_b = lax.dynamic_index_in_dim(lse_use, i, keepdims=False)
@@ -258,10 +298,20 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
                 s_t = _mm(kb, qb, 2, 2, st.precision, cdt)  # (BK, ck, G·cq)
                 vis = info.visible(q_start, cq, k_start, ck, KQ, padded_kv) if masked else None
                 t = u = None
+                mod_vjp = []
                 if custom or vis is not None:
                     bias_blk = (None if bias5 is None
                                 else slice_block(bias5, q_start, cq, k_start, ck, KQ))
-                    z5, t, u = _logits(s_t.reshape(B, K, ck, G, cq), st, bias_blk, vis, cap)
+                    smod = None
+                    if info.score_mod is not None:
+                        def smod(x):
+                            def f(x, cs):
+                                return info.apply_score_mod(x, q_start, cq, k_start, ck, KQ, cs)
+
+                            y, fn = jax.vjp(f, x, sconsts)
+                            mod_vjp.append(fn)
+                            return y
+                    z5, t, u = _logits(s_t.reshape(B, K, ck, G, cq), st, bias_blk, vis, cap, smod)
                     s_t = z5.reshape(BK, ck, R)
                     if t is not None:
                         t, u = t.reshape(BK, ck, R), u.reshape(BK, ck, R)
@@ -281,6 +331,10 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
                 if dbias is not None:
                     dbias = _add_dbias(dbias, ds_t.reshape(B, K, ck, G, cq), q_start, cq,
                                        k_start, ck)
+                if mod_vjp:
+                    ds5, dcs = mod_vjp[0](ds_t.reshape(B, K, ck, G, cq))
+                    ds_t = ds5.reshape(BK, ck, R)
+                    dsc = tuple(a + dcs[i].astype(a.dtype) for a, i in zip(dsc, diff, strict=True))
                 if dcap is not None:
                     # d(c·tanh(x/c))/dc = tanh(u) - u·(1 - tanh(u)²), u = x/c
                     dcap = dcap + jnp.sum(ds_t * (t - u * (1.0 - t * t)))
@@ -293,29 +347,37 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
                 dq_blk = _mm(k_t, ds_c, 2, 1, st.precision, cdt)  # (BK, H, G·cq)
                 prev = lax.dynamic_index_in_dim(dq_t, i, keepdims=False)
                 dq_t = lax.dynamic_update_index_in_dim(dq_t, prev + dq_blk, i, 0)
-                return dk, dv, dq_t, (dbias, dcap)
+                return dk, dv, dq_t, (dbias, dcap, dsc)
 
             return body
 
         c = (_varying(jnp.zeros((BK, ck, H), cdt), vma),
-             _varying(jnp.zeros((BK, ck, Hv), cdt), vma), dq_t, (dbias, dcap))
-        if needs_mask:
+             _varying(jnp.zeros((BK, ck, Hv), cdt), vma), dq_t, (dbias, dcap, dsc))
+        if row is not None:
+            c = _table_loops(*row, make_body(True), make_body(False), c)
+        elif needs_mask:
             ranges = info.query_block_ranges(k_start, ck, cq, nq)
             c = _three_loops(ranges, make_body(True), make_body(False), c, info.has_dense)
         else:
             c = lax.fori_loop(0, nq, make_body(False), c)
-        dk, dv, dq_t, (dbias, dcap) = c
-        return (dq_t, (dbias, dcap)), (dk.astype(kc.dtype), dv.astype(vc.dtype))
+        dk, dv, dq_t, (dbias, dcap, dsc) = c
+        return (dq_t, (dbias, dcap, dsc)), (dk.astype(kc.dtype), dv.astype(vc.dtype))
 
-    (dq_t, (dbias, dcap)), (dkc, dvc) = lax.scan(
-        k_step, (dq_t0, (dbias0, dcap0)), (jnp.arange(nk, dtype=jnp.int32), kc, vc)
+    (dq_t, (dbias, dcap, dsc)), (dkc, dvc) = lax.scan(
+        k_step, (dq_t0, (dbias0, dcap0, dsc0)), (jnp.arange(nk, dtype=jnp.int32), kc, vc, lists)
     )
     dqc = jnp.swapaxes(dq_t, -1, -2).astype(dt).reshape(nq, B, K, G, cq, H)
     if dbias is not None:
         dbias = dbias.astype(bias5.dtype)
     if dcap is not None:
         dcap = dcap.astype(cap.dtype)
-    return dqc, dkc.reshape(nk, B, K, ck, H), dvc.reshape(nk, B, K, ck, Hv), dbias, dcap
+    grads = (dqc, dkc.reshape(nk, B, K, ck, H), dvc.reshape(nk, B, K, ck, Hv), dbias, dcap)
+    if not want_dconsts:
+        return grads
+    dconsts = [np.zeros(c.shape, jax.dtypes.float0) for c in sconsts]
+    for a, i in zip(dsc, diff, strict=True):
+        dconsts[i] = a.astype(sconsts[i].dtype)
+    return grads + (tuple(dconsts),)
 
 
 def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
@@ -334,21 +396,21 @@ def _add_dbias(dbias, ds_t, q_start, cq, k_start, ck):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _core(qc, kc, vc, bias5, info, seed, st, cap):
-    return _forward(qc, kc, vc, bias5, info, seed, st, cap)
+def _core(qc, kc, vc, bias5, info, seed, st, cap, sconsts):
+    return _forward(qc, kc, vc, bias5, info, seed, st, cap, sconsts)
 
 
-def _core_fwd(qc, kc, vc, bias5, info, seed, st, cap):
-    out, lse = _forward(qc, kc, vc, bias5, info, seed, st, cap)
-    return (out, lse), (qc, kc, vc, bias5, info, seed, cap, out, lse)
+def _core_fwd(qc, kc, vc, bias5, info, seed, st, cap, sconsts):
+    out, lse = _forward(qc, kc, vc, bias5, info, seed, st, cap, sconsts)
+    return (out, lse), (qc, kc, vc, bias5, info, seed, cap, sconsts, out, lse)
 
 
 def _core_bwd(st, res, cts):
-    qc, kc, vc, bias5, info, seed, cap, out, lse = res
+    qc, kc, vc, bias5, info, seed, cap, sconsts, out, lse = res
     dout, dlse = cts
-    dqc, dkc, dvc, dbias, dcap = _backward(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse,
-                                           st, cap)
-    return dqc, dkc, dvc, dbias, None, None, dcap
+    dqc, dkc, dvc, dbias, dcap, dsc = _backward(qc, kc, vc, bias5, info, seed, out, lse, dout,
+                                                dlse, st, cap, sconsts)
+    return dqc, dkc, dvc, dbias, None, None, dcap, dsc
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -442,7 +504,10 @@ def attention_chunked(q, k, v, bias5, info: MaskInfo, *, scale: float, logits_so
         if bias5.shape[4] != 1:
             bias5 = _pad_axis(bias5, 4, sp)
     info = _pad_info(info, tp, sp)
-    out, lse = _core(qc, kc, vc, bias5, info, seed, st, cap)
+    # The score_mod's closed-over arrays are explicit (differentiable) operands of the kernel.
+    sconsts = info.score_consts
+    info = dataclasses.replace(info, score_consts=())
+    out, lse = _core(qc, kc, vc, bias5, info, seed, st, cap, sconsts)
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :T]
     lse = lse.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :T]
     return out, lse

@@ -141,11 +141,13 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
+def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision, hook=None, kpos=None):
     """Online-softmax update of ``carry = (m, l, acc)`` with one key block.
 
     ``qg (B, T, K, G, H)`` scaled queries in the compute dtype, ``kb (B, C, K, H)``,
-    ``vb (B, C, K, Hv)``, ``vis`` boolean broadcastable to ``(B, T, C)``.
+    ``vb (B, C, K, Hv)``, ``vis`` boolean broadcastable to ``(B, T, C)``. ``hook(s, kpos) -> (s, vis | None)``:
+    the flexible-attention hook (``score_mod`` and ``mask_mod`` on the ``(B, K, G, T, C)`` score
+    block, keys at positions ``kpos (B, C)``), or ``None``.
     """
     m, den, acc = carry
     cdt = qg.dtype
@@ -154,7 +156,12 @@ def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision):
     if logits_soft_cap is not None:
         cap = jnp.asarray(logits_soft_cap, cdt)
         s = cap * jnp.tanh(s / cap)
-    s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    vis = vis[:, None, None]
+    if hook is not None:
+        s, extra = hook(s, kpos)
+        if extra is not None:
+            vis = vis & extra
+    s = jnp.where(vis, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_use[..., None])
@@ -180,7 +187,7 @@ FLAT_MAX_COLUMNS = 16
 
 
 def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
-                  logits_soft_cap, precision):
+                  logits_soft_cap, precision, hook=None):
     """Attention of ``q (B, T, N, H)`` (scaled, in the compute dtype) over the cached positions
     ``< P`` still present in the (already updated) buffers ``key (B, L, K, H)``/``value``, which
     hold every position ``< P_end`` that fits.
@@ -266,6 +273,13 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
             valid = pos < Pc
         valid = valid & (slots >= c * C)[None, :]  # overlap of the last chunk: counted already
         vis = jnp.swapaxes(_visible(pos, valid, qpos, window_left), 1, 2)  # (B, C, T or 1)
+        if hook is not None:
+            # the flexible-attention mods see the block as (B, K, G, T, C)
+            s5, extra = hook(jnp.moveaxis(s.reshape(B, C, K, G, T), 1, -1), pos)
+            s = jnp.moveaxis(s5, -1, 1).reshape(B, C, Y)
+            if extra is not None:
+                extra = jnp.broadcast_to(extra, (B, K, G, T, C))
+                s = jnp.where(jnp.moveaxis(extra, -1, 1).reshape(B, C, Y), s, -jnp.inf)
         s = jnp.where(vis[:, :, None, :], s.reshape(B, C, K * G, T), -jnp.inf).reshape(B, C, Y)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -355,6 +369,9 @@ def cached_attention(
     implementation: str | None = None,
     chunk_size: ChunkSize | int | tuple[int, int] | None = None,
     precision=None,
+    mask_mod=None,
+    score_mod=None,
+    sinks=None,
 ):
     r"""Causal attention of ``T`` new tokens against a :class:`KVCache`, and the cache update.
 
@@ -390,6 +407,9 @@ def cached_attention(
         and values take about 4 MiB, e.g. 1024 slots for B=1, K=8, H=64 in float32) and both
         sizes drive the core for the new-token part.
       precision: matmul precision.
+      mask_mod, score_mod, sinks: as in :func:`attnjax.dot_product_attention`, with global
+        positions: ``q_idx = P[b] + t``, ``kv_idx`` the cached or new key's position; combined
+        with the causal (and window) mask by AND.
 
     Returns:
       ``(out, new_cache)``: ``out (B, T, N, Hv)`` in the query dtype, and the updated cache.
@@ -482,6 +502,31 @@ def cached_attention(
     rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
     parts = []  # partial (out (B, T, N, Hv), lse (B, T, N)) over disjoint key sets
 
+    # Flexible attention: one hook applied to every score block read from the cache (and the
+    # same mods, shifted to global positions, for the new-token part through the core).
+    hook = None
+    if mask_mod is not None or score_mod is not None:
+        from attnjax._src import flex  # noqa: PLC0415
+
+        flex.check_mods(mask_mod, score_mod, B, N, T, T, cdt)
+        bi = jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1)
+        hi = jnp.arange(N, dtype=jnp.int32).reshape(1, K, G, 1, 1)
+        qi = qpos[:, None, None, :, None]
+
+        def hook(s, kpos):
+            ki = kpos.astype(jnp.int32)[:, None, None, None, :]
+            if score_mod is not None:
+                s = score_mod(s, bi, hi, qi, ki)
+            return s, (None if mask_mod is None else mask_mod(bi, hi, qi, ki))
+
+    def shifted(fn, nargs):
+        # the core sees the new tokens at positions 0..T-1; the mods see P[b] + t
+        if fn is None:
+            return None
+        if nargs == 4:
+            return lambda b, h, q, k: fn(b, h, q + P[b], k + P[b])
+        return lambda s, b, h, q, k: fn(s, b, h, q + P[b], k + P[b])
+
     # 1. Ring buffer, multi-token step: the old entries this step overwrites (still visible to
     #    its earlier queries) are gathered first (T slots) and attended to separately. XLA then
     #    keeps the old buffer alive with one copy of the ring (W slots). Single-token steps need
@@ -502,7 +547,7 @@ def cached_attention(
         )
         carry = _block_update(carry, qs.reshape(B, T, K, G, H), ke, ve,
                               _visible(pos_e, valid_e, qpos, window_left), logits_soft_cap,
-                              precision)
+                              precision, hook, pos_e)
         o_e, lse_e = _finish(carry)
         parts.append((o_e.reshape(B, T, N, Hv), lse_e.reshape(B, T, N)))
 
@@ -519,7 +564,7 @@ def cached_attention(
     # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
     o_old, lse_old, new_key, new_value = _attend_cache(
         qs, new_key, new_value, P, P + n, window_left, ring, decode_chunk, logits_soft_cap,
-        precision)
+        precision, hook)
     parts.append((o_old, lse_old))
 
     # 4. Causal attention over the T new tokens, through the core, in the compute dtype.
@@ -529,12 +574,21 @@ def cached_attention(
         key_value_seq_lengths=None if query_seq_lengths is None else n,
         logits_soft_cap=logits_soft_cap, implementation=implementation,
         chunk_size=chunk_size, precision=precision, return_residual=True,
+        mask_mod=shifted(mask_mod, 4), score_mod=shifted(score_mod, 5),
     )
 
     # 5. Exact merge by log-sum-exp.
     out, lse = o_new.astype(cdt), lse_new.astype(cdt)
     for o_p, lse_p in parts:
         out, lse = merge_partials(o_p, lse_p, out, lse)
+    if sinks is not None:
+        from attnjax._src import flex  # noqa: PLC0415
+
+        sinks = jnp.asarray(sinks)
+        if not jnp.issubdtype(sinks.dtype, jnp.floating) or sinks.shape != (N,):
+            raise ValueError(
+                f"sinks must be a float array of shape (N,) = ({N},), got {sinks.dtype}{sinks.shape}")
+        out, _ = flex.apply_sinks(out, lse, sinks)
     row_ok = t < n[:, None]  # (B, T)
     out = jnp.where(row_ok[..., None, None], out, 0.0)
     if overflow is not None:

@@ -14,6 +14,7 @@ class XLA(Implementation):
     name = "xla"
     platforms = _ALL
     forward_mode = True
+    supports_flex = True
     serves = ("every argument; materialises the B·N·T·S scores (memory O(B·N·T·S)); "
               "implementation=None takes it only while B·N·T·S <= 2**22")
 
@@ -32,6 +33,7 @@ class XLA(Implementation):
 class XLAChunked(Implementation):
     name = "xla_chunked"
     platforms = _ALL
+    supports_flex = True
     serves = "every argument; online softmax over chunks, memory O(T·H + B·N·chunk²)"
 
     def __call__(self, call: Call):

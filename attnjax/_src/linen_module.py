@@ -62,7 +62,8 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
                  is_causal: bool = False, bias=None, query_segment_ids=None,
                  key_value_segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None,
                  local_window_size=None, logits_soft_cap: float | None = None,
-                 query_offset=None, implementation: str | None = None, chunk_size=None):
+                 query_offset=None, implementation: str | None = None, chunk_size=None,
+                 mask_mod=None, score_mod=None, block_mask=None, sinks=None):
         """Project, attend and project back; arguments as the stock module, plus attnjax's.
 
         Args:
@@ -79,6 +80,9 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
             implementation, chunk_size: see :func:`attnjax.dot_product_attention`. In decode
             mode only ``query_seq_lengths`` (tokens each row adds), ``local_window_size``,
             ``logits_soft_cap``, ``implementation`` and ``chunk_size`` apply.
+          mask_mod, score_mod, block_mask, sinks: flexible attention, see
+            :func:`attnjax.dot_product_attention` (decode mode takes ``mask_mod``,
+            ``score_mod`` and ``sinks`` with global positions, not ``block_mask``).
 
         Returns:
           ``(batch..., T, out_features or features)``.
@@ -165,7 +169,8 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
                                               ("query_segment_ids", query_segment_ids),
                                               ("key_value_segment_ids", key_value_segment_ids),
                                               ("key_value_seq_lengths", key_value_seq_lengths),
-                                              ("query_offset", query_offset)) if v is not None]
+                                              ("query_offset", query_offset),
+                                              ("block_mask", block_mask)) if v is not None]
                 if unsupported:
                     raise ValueError(f"decode mode does not support {unsupported}")
                 ck = cached_key.value
@@ -181,7 +186,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
                     query.astype(dtype), key.astype(dtype), value.astype(dtype), cache,
                     query_seq_lengths=query_seq_lengths, local_window_size=local_window_size,
                     logits_soft_cap=logits_soft_cap, implementation=impl, chunk_size=chunks,
-                    precision=self.precision,
+                    precision=self.precision, mask_mod=mask_mod, score_mod=score_mod, sinks=sinks,
                 )
                 cached_key.value = cache.key
                 cached_value.value = cache.value
@@ -196,6 +201,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
                 query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                 local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                 query_offset=query_offset, implementation=impl, chunk_size=chunks,
+                mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask, sinks=sinks,
             )
         return nn.DenseGeneral(
             features=features, axis=(-2, -1),

@@ -18,9 +18,12 @@ forward pass and ``(B, K, Sc, G, Tc)`` ("kq", transposed scores) in the backward
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from attnjax._src import flex
 
 Array = jax.Array
 
@@ -57,6 +60,16 @@ class MaskInfo:
       q_segment_ids: int ``(B, Tp)``; kv_segment_ids: int ``(B, Sp)``: a query sees only keys of
         its own segment.
       mask: bool ``(Bm, Km, Gm, Tm, Sm)``, each dim 1 or full (T and S padded): True = visible.
+      mask_mod: a user ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (static), called with global
+        positions ``q_idx = i + query_offset + kv_base``, ``kv_idx = j + kv_base``;
+        ``mask_ids``/``mask_consts``: the traced arrays it closes over (see :func:`flex.hoist`).
+      score_mod: a user ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (static), with
+        ``score_ids``/``score_consts`` as for the mask.
+      kv_base: int32 ``()`` or ``(B,)``: global position of key 0 (ring attention, decoding),
+        used only by the mods.
+      block_classes: int32 ``(nq, nk)``: the classes (0 empty, 1 partial, 2 full) of a user
+        block mask, collapsed over rows and heads, for chunks of ``block_size``.
+      num_batch, num_kv_heads, num_groups: B, K, G (static; the index arrays of the mods).
     """
 
     q_len: int = dataclasses.field(metadata=dict(static=True))
@@ -69,6 +82,18 @@ class MaskInfo:
     q_segment_ids: Array | None = None
     kv_segment_ids: Array | None = None
     mask: Array | None = None
+    mask_mod: Callable | None = dataclasses.field(default=None, metadata=dict(static=True))
+    mask_ids: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    mask_consts: tuple = ()
+    score_mod: Callable | None = dataclasses.field(default=None, metadata=dict(static=True))
+    score_ids: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    score_consts: tuple = ()
+    kv_base: Array | None = None
+    block_classes: Array | None = None
+    block_size: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    num_batch: int = dataclasses.field(default=1, metadata=dict(static=True))
+    num_kv_heads: int = dataclasses.field(default=1, metadata=dict(static=True))
+    num_groups: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     # ----------------------------------------------------------------------------------------
     # Static questions.
@@ -86,7 +111,8 @@ class MaskInfo:
     @property
     def has_dense(self) -> bool:
         """Whether a mask kind can hide arbitrary entries of a block (segments, a bool mask)."""
-        return self.q_segment_ids is not None or self.mask is not None
+        return (self.q_segment_ids is not None or self.mask is not None
+                or self.mask_mod is not None)
 
     def is_trivial(self, padded_kv_len: int | None = None) -> bool:
         """True when nothing at all is hidden (and no key padding needs hiding)."""
@@ -150,12 +176,63 @@ class MaskInfo:
             parts.append(qe == ke)
         if self.mask is not None:
             parts.append(slice_block(self.mask, q_start, q_size, k_start, k_size, layout))
+        if self.mask_mod is not None:
+            idx = self.mod_indices(q_start, q_size, k_start, k_size, layout)
+            parts.append(flex.call_mod(self.mask_mod, self.mask_ids, self.mask_consts, *idx))
         if not parts:
             return None
         out = parts[0]
         for p in parts[1:]:
             out = jnp.logical_and(out, p)
         return out
+
+    # ----------------------------------------------------------------------------------------
+    # User callables.
+
+    def mod_indices(self, q_start, q_size: int, k_start, k_size: int, layout: str = QK):
+        """Broadcast ``(b, h, q_idx, kv_idx)`` of one block (global positions) for the mods."""
+        qpos = q_start + jnp.arange(q_size, dtype=jnp.int32)
+        kpos = k_start + jnp.arange(k_size, dtype=jnp.int32)
+        base = jnp.zeros((1,), jnp.int32) if self.kv_base is None else jnp.reshape(
+            self.kv_base, (-1,)).astype(jnp.int32)
+        qe = qpos[None, :] + (self._offset() + base)[:, None]
+        ke = kpos[None, :] + base[:, None]
+        return flex.index_arrays(layout, self.num_batch, self.num_kv_heads, self.num_groups, qe, ke)
+
+    def apply_score_mod(self, s, q_start, q_size: int, k_start, k_size: int, layout: str = QK,
+                        consts=None):
+        """``score_mod`` on a block ``s`` in ``layout`` (``consts`` replaces ``score_consts``)."""
+        if self.score_mod is None:
+            return s
+        idx = self.mod_indices(q_start, q_size, k_start, k_size, layout)
+        consts = self.score_consts if consts is None else consts
+        return flex.call_mod(self.score_mod, self.score_ids, consts, s, *idx)
+
+    def block_table(self, q_block: int, k_block: int, num_q_blocks: int, num_k_blocks: int):
+        """The class table ``(nq, nk)`` int32 (0 empty, 1 partial, 2 full) of a chunked call, or
+        ``None`` when only positional masks apply (then the contiguous ranges of
+        :meth:`key_block_ranges` are used instead). Combines the positional ranges, segment-id
+        ranges, a dense mask and a ``mask_mod`` (partial wherever visible) and a block mask."""
+        if self.block_classes is None and self.q_segment_ids is None:
+            return None
+        ranges = jax.vmap(lambda i: self.key_block_ranges(i * q_block, q_block, k_block,
+                                                          num_k_blocks))(
+            jnp.arange(num_q_blocks, dtype=jnp.int32))
+        lo, flo, fhi, hi = (r[:, None] for r in ranges)
+        j = jnp.arange(num_k_blocks, dtype=jnp.int32)[None, :]
+        cls = jnp.where((j >= lo) & (j < hi),
+                        jnp.where((j >= flo) & (j < fhi), flex.FULL, flex.PARTIAL), flex.EMPTY)
+        if self.q_segment_ids is not None:
+            cls = jnp.minimum(cls, flex.segment_classes(
+                self.q_segment_ids, self.kv_segment_ids, self.q_len, self.kv_len, q_block,
+                k_block, num_q_blocks, num_k_blocks))
+        if self.mask is not None:
+            cls = jnp.minimum(cls, flex.PARTIAL)
+        if self.block_classes is not None:
+            cls = jnp.minimum(cls, self.block_classes)
+        elif self.mask_mod is not None:
+            cls = jnp.minimum(cls, flex.PARTIAL)
+        return cls.astype(jnp.int32)
 
     # ----------------------------------------------------------------------------------------
     # Which blocks can be skipped, and which need no mask.

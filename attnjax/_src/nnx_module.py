@@ -111,7 +111,8 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
                  qkv_sharding=None, bias=None, query_segment_ids=None,
                  key_value_segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None,
                  local_window_size=None, logits_soft_cap: float | None = None,
-                 query_offset=None, implementation: str | None = None, chunk_size=None):
+                 query_offset=None, implementation: str | None = None, chunk_size=None,
+                 mask_mod=None, score_mod=None, block_mask=None, sinks=None):
         """Project, attend and project back; arguments as the stock module, plus attnjax's.
 
         Args:
@@ -134,6 +135,10 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
           query_seq_lengths: valid query tokens per row. In decode mode: how many of this
             call's tokens each row really adds (ragged prompts, rows at different positions).
           implementation, chunk_size: override the constructor's.
+          mask_mod, score_mod, block_mask, sinks: flexible attention, see
+            :func:`attnjax.dot_product_attention` (``h`` is the query head; decode mode takes
+            ``mask_mod``, ``score_mod`` and ``sinks`` with global positions, not
+            ``block_mask``). ``sinks`` may be an ``nnx.Param`` of shape ``(num_heads,)``.
 
         Returns:
           ``(batch..., T, out_features)``.
@@ -166,7 +171,9 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
                      key_value_seq_lengths=key_value_seq_lengths,
                      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                      query_offset=query_offset, implementation=implementation,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, mask_mod=mask_mod, score_mod=score_mod,
+                     block_mask=block_mask,
+                     sinks=None if sinks is None else jnp.asarray(sinks[...]))
         if decode and self.cached_key is None:
             raise ValueError(
                 "decode=True but the autoregressive cache is not initialised: call "
@@ -230,7 +237,7 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
         if not deterministic:
             raise ValueError("decode mode has no dropout: call with deterministic=True")
         unsupported = [k for k in ("bias", "query_segment_ids", "key_value_segment_ids",
-                                   "key_value_seq_lengths", "query_offset")
+                                   "key_value_seq_lengths", "query_offset", "block_mask")
                        if extra[k] is not None]
         if unsupported:
             raise ValueError(f"decode mode does not support {unsupported}")
@@ -254,6 +261,7 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
             logits_soft_cap=extra["logits_soft_cap"],
             implementation=_first(extra["implementation"], self.implementation),
             chunk_size=_first(extra["chunk_size"], self.chunk_size), precision=self.precision,
+            mask_mod=extra["mask_mod"], score_mod=extra["score_mod"], sinks=extra["sinks"],
         )
         self.cached_key.set_value(cache.key)
         self.cached_value.set_value(cache.value)

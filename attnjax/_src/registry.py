@@ -88,6 +88,7 @@ class CallFeatures:
     return_residual: bool = False
     precision: bool = False
     pallas_interpret: bool = False
+    flex: bool = False  # a mask_mod, score_mod or block_mask (callables): see supports_flex
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
@@ -164,6 +165,8 @@ class Implementation:
         reason = self.platform_reason(f)
         if reason is None and f.dtype not in self.dtypes:
             reason = f"dtype {f.dtype} not supported (supports {', '.join(self.dtypes)})"
+        if reason is None and f.flex and not getattr(self, "supports_flex", False):
+            reason = "mask_mod/score_mod/block_mask (callables) not supported"
         return reason
 
     def __call__(self, call: Call):

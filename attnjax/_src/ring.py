@@ -64,6 +64,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from attnjax._src import flex
 from attnjax._src.attention import _check_soft_cap, _normalise_window, _reject_forward_mode
 from attnjax._src.chunked import (
     _backward,
@@ -194,6 +195,8 @@ class _RingStatic:
     is_causal: bool
     window: tuple[int, int] | None
     kernel: _Static
+    # flexible attention: static MaskInfo fields (the closed-over arrays travel in ``aux``)
+    mods: tuple = ()
 
 
 def _seg_start(rs: _RingStatic, device, seg, seg_len: int):
@@ -217,10 +220,16 @@ def _block_info(rs: _RingStatic, aux, kv_seg_ids, sq, sk, qpos, kpos) -> MaskInf
     if aux.get("q_segment_ids") is not None:
         q_ids = aux["q_segment_ids"][sq]
         kv_ids = kv_seg_ids[sk]
+    mods = dict(rs.mods)
+    if mods:
+        # mask_mod / score_mod see global positions: key j of this block is at kpos + j.
+        mods.update(kv_base=jnp.asarray(kpos, jnp.int32),
+                    mask_consts=tuple(aux.get("mask_consts", ())),
+                    score_consts=tuple(aux.get("score_consts", ())))
     return MaskInfo(
         q_len=rs.q_seg, kv_len=rs.k_seg, is_causal=rs.is_causal, window=rs.window,
         query_offset=jnp.asarray(off, jnp.int32), q_lengths=q_lengths, kv_lengths=kv_lengths,
-        q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+        q_segment_ids=q_ids, kv_segment_ids=kv_ids, **mods,
     )
 
 
@@ -375,7 +384,14 @@ def _ring_core_bwd(rs, res, cts):
     def cast(gs, xs):
         return tuple(g.astype(x.dtype) for g, x in zip(gs, xs, strict=True))
 
-    return cast(dq, qs), cast(dk, ks), cast(dv, vs), None
+    daux = None
+    if aux.get("score_consts"):
+        # Not computed here (see ring_attention): NaN, never a silent zero.
+        daux = {name: None for name in aux}
+        daux["score_consts"] = tuple(
+            np.full(c.shape, np.nan, c.dtype) if jnp.issubdtype(c.dtype, jnp.inexact)
+            else np.zeros(c.shape, jax.dtypes.float0) for c in aux["score_consts"])
+    return cast(dq, qs), cast(dk, ks), cast(dv, vs), daux
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
@@ -427,6 +443,9 @@ def ring_attention(
     precision=None,
     return_residual: bool = False,
     implementation: str | None = None,
+    mask_mod=None,
+    score_mod=None,
+    sinks=None,
 ):
     r"""Exact attention over a sequence sharded along the mesh axis ``axis_name``.
 
@@ -467,6 +486,12 @@ def ring_attention(
       chunk_size: chunk sizes of the per-block kernel (see :class:`attnjax.ChunkSize`).
       precision: passed to the matmuls.
       return_residual: also return the float32 log-sum-exp ``(B, T/P, N)``.
+      mask_mod, score_mod, sinks: as in :func:`attnjax.dot_product_attention`, over global
+        positions (``q_idx`` = global query position + ``query_offset``, ``kv_idx`` = global
+        key position); arrays they close over must be the same on every device. Gradients flow
+        to q, k, v and ``sinks``; gradients with respect to arrays a ``score_mod`` closes over
+        are not implemented in the ring yet: asking for them under ``jit(grad(...))`` raises a
+        ``TypeError``, and where that cannot be detected they come back as NaN (never zero).
       implementation: the per-block kernel: ``None`` or ``"xla_chunked"`` (the only one that
         returns the per-block log-sum-exp and accepts the carried statistics the ring merges);
         any other registered name raises ``ValueError`` with that reason.
@@ -563,8 +588,28 @@ def ring_attention(
     q, kernel = kernel_static(q, scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=0.0,
                               precision=precision, num_q=nq, num_k=nk, q_chunk=cq, k_chunk=ck,
                               kv_len=k_seg)
+    mods = ()
+    if mask_mod is not None or score_mod is not None:
+        cdt = compute_dtype(q.dtype)
+        flex.check_mods(mask_mod, score_mod, B, N, T, S, cdt)
+        fields = flex.mod_fields(mask_mod, score_mod, None, B, N, K, T, S, cdt)
+        aux["mask_consts"] = fields.pop("mask_consts", ())
+        aux["score_consts"] = fields.pop("score_consts", ())
+        for c in aux["score_consts"]:
+            if type(c).__name__ == "JVPTracer" and jnp.issubdtype(c.dtype, jnp.inexact):
+                raise TypeError(
+                    "ring_attention cannot yet differentiate the arrays a score_mod closes over "
+                    f"(got a differentiated {c.dtype}{tuple(c.shape)} array); use "
+                    "dot_product_attention for that, or close over a constant"
+                )
+        mods = tuple(sorted(fields.items()))
+    if sinks is not None:
+        sinks = jnp.asarray(sinks)
+        if not jnp.issubdtype(sinks.dtype, jnp.floating) or sinks.shape != (N,):
+            raise ValueError(
+                f"sinks must be a float array of shape (N,) = ({N},), got {sinks.dtype}{sinks.shape}")
     rs = _RingStatic(axis_name=axis_name, num_devices=n, num_seg=num_seg, q_seg=q_seg, k_seg=k_seg,
-                     is_causal=bool(is_causal), window=window, kernel=kernel)
+                     is_causal=bool(is_causal), window=window, kernel=kernel, mods=mods)
 
     # (B, L, heads, dim) -> one array per position segment, (nchunks, B, K, [G,] chunk, dim),
     # each segment padded to whole chunks on its own.
@@ -584,6 +629,8 @@ def ring_attention(
         [o.transpose(1, 0, 4, 2, 3, 5).reshape(B, tp, N, Hv)[:, :q_seg] for o in out], axis=1)
     lse = jnp.concatenate(
         [x.transpose(1, 0, 4, 2, 3).reshape(B, tp, N)[:, :q_seg] for x in lse], axis=1)
+    if sinks is not None:
+        out, lse = flex.apply_sinks(out, lse, sinks)
     return (out, lse) if return_residual else out
 
 

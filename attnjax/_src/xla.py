@@ -35,7 +35,11 @@ def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_ca
     grouped = {n: x for n, x in per_group.items() if x.shape[2] != 1}
     shared = {n: x[:, :, 0] for n, x in per_group.items() if x.shape[2] == 1}
 
-    def one_group(qk, g_arrays):
+    mod_idx = None
+    if info.score_mod is not None:
+        mod_idx = info.mod_indices(0, T, 0, S, QK)  # 5-d (B|1, K|1, G|1, T|1, S|1)
+
+    def one_group(qk, g, g_arrays):
         # qk: (B, T, K, H); masks and bias: (B|1, K|1, T|1, S|1). The 4-D einsums are the
         # layout XLA:CPU handles best (as in jax.nn); groups are vmapped, K/V never copied.
         arrays = {**shared, **g_arrays}
@@ -44,6 +48,10 @@ def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_ca
         if logits_soft_cap is not None:
             c = jnp.asarray(logits_soft_cap, cdt)
             s = c * jnp.tanh(s / c)
+        if mod_idx is not None:
+            b_, h_, q_, k_ = mod_idx
+            h_ = jnp.take(h_, g, axis=2)
+            s = info.score_mod(s, b_[:, :, 0], h_, q_[:, :, 0], k_[:, :, 0])
         if "bias" in arrays:
             s = s + arrays["bias"].astype(cdt)
         if "vis" in arrays:
@@ -68,7 +76,8 @@ def attention_xla(q, k, v, bias, info: MaskInfo, *, scale: float, logits_soft_ca
         return out, lse  # (B, T, K, Hv), (B, K, T)
 
     qg = q.reshape(B, T, K, G, H)
-    out, lse = jax.vmap(one_group, in_axes=(3, 2), out_axes=(3, 2))(qg, grouped)
+    out, lse = jax.vmap(one_group, in_axes=(3, 0, 2), out_axes=(3, 2))(
+        qg, jnp.arange(G, dtype=jnp.int32), grouped)
     out = out.reshape(B, T, N, Hv).astype(q.dtype)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)  # (B, K, G, T) -> (B, T, N)
     return out, lse
