@@ -1,4 +1,5 @@
-"""``attnjax-bench`` / ``python -m attnjax.benchmarks``: the benchmark sweep and "longest" mode.
+"""``attnjax-bench`` / ``python -m attnjax.benchmarks``: the benchmark sweep, "longest" mode and
+the mask sweep (``--masks``).
 
 From a source checkout without installing, ``python -m benchmarks`` (in the repository root).
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured right before and right after every timed cell")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = p.add_argument_group("mask sweep")
+    m.add_argument("--masks", action="store_true",
+                   help="instead of the sweep: the flexible-attention sweep (packed documents as "
+                   "segment ids / mask_mod + BlockMask / dense mask, causal as a mask_mod, ALiBi "
+                   "as a score_mod), fwd+bwd at T=S=--mask-length (benchmarks/mask_bench.py)")
+    m.add_argument("--mask-length", type=int, default=8192, help="T = S of the mask sweep")
     g = p.add_argument_group("longest mode")
     g.add_argument("--longest", action="store_true",
                    help="instead of the sweep: the longest power-of-two T whose fwd+bwd fits "
@@ -193,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                                  f"got {getattr(args, name)}")
     if args.longest:
         return run_longest(args)
+    if args.masks:
+        from .mask_bench import main as mask_main
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        mask_main(["--length", str(args.mask_length), "--heads", str(args.heads),
+                   "--head-dim", str(args.head_dim), "--repeats", str(args.repeats),
+                   "--json", str(args.out / "mask_bench.json")])
+        return 0
     return run_sweep_cli(args)
 
 if __name__ == "__main__":

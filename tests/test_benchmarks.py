@@ -350,3 +350,14 @@ def test_torch_backend_runs_when_installed():
         compiled = backend.compile(Case(1, 16, 2, 8, causal=True, mode=mode))
         assert compiled.temp_bytes is None
         compiled.make_runner(0)()
+
+
+def test_masks_sweep_runs_tiny(tmp_path, capsys):
+    """`attnjax-bench --masks` runs the flexible-attention sweep and writes its JSON."""
+    rc = cli.main(["--masks", "--mask-length", "256", "--heads", "2", "--head-dim", "8",
+                   "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "docs" in text or "document" in text
+    result = json.loads((tmp_path / "mask_bench.json").read_text())
+    assert result["results"] and result["cpu"]["model"]
