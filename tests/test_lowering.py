@@ -64,7 +64,17 @@ def test_auto_dispatch_lowers(platform):
     k = v = jnp.zeros((B, S, K, H), jnp.bfloat16)
     with attnjax.target_platform(platform):
         chosen = attnjax.explain_dispatch(q, k, v, **KW).chosen
-    # cuDNN cannot express query_offset=40 (top-left causal only): the XLA path serves it.
-    assert chosen == {"tpu": "splash", "cuda": "xla"}[platform]
+    # cuDNN cannot express query_offset=40 (top-left causal only): attnjax's own Pallas kernel
+    # serves it on CUDA.
+    assert chosen == {"tpu": "splash", "cuda": "pallas_gpu"}[platform]
     if platform == "tpu":
         assert "tpu_custom_call" in _export(fwd, platform, jnp.bfloat16)
+    else:
+        args = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
+                for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H))]
+        with attnjax.target_platform("cuda"):
+            exported = jax.export.export(
+                jax.jit(fwd), platforms=("cuda",),
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+                    "__gpu$xla.gpu.triton")])(*args)
+        assert "triton" in exported.mlir_module()

@@ -50,7 +50,7 @@ def problems(draw):
     return (B, T, S, K * G, K, H), (cq, ck), kw, vis, seed
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_chunked_equals_reference(problem):
     (B, T, S, N, K, H), chunk, kw, vis_kw, seed = problem

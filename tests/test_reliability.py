@@ -26,7 +26,7 @@ import attnjax
 import attnjax.linen
 import attnjax.nnx
 from tests import reference as ref
-from tests.test_harness import MASKS, Config, check_config
+from tests.test_harness import Config, check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,13 @@ def _ref_grads(q, k, v, bias=None, dout=None, **vis_kw):
     out, _, cache = ref.attention(q, k, v, bias, vis=vis)
     dout = np.ones_like(out) if dout is None else dout
     return out, ref.attention_vjp(cache, dout, None if bias is None else np.shape(bias))
+
+
+# Every mask kind appears here alone or in a combination; rows 0 of "mask_dense" and batch row 0
+# of "empty_rows" see no key at all.
+DEBUG_NAN_MASKS = ("none", "causal_offset_per_row", "window_causal", "q_lengths", "empty_rows",
+                   "mask_dense", "mask_broadcast", "bias", "combo_causal_lengths_segments_bias",
+                   "combo_window_mask_softcap_offsets")
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ def test_x64_bias_gradient(bias_shape, dtype):
         np.testing.assert_allclose(np.asarray(g, np.float64), want[3], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("mask", DEBUG_NAN_MASKS)
 def test_x64_every_mask_kind_float32_inputs(mask):
     """The same float32 problems with jax_enable_x64 on (index arithmetic must not change)."""
     with jax.enable_x64(True):
@@ -212,11 +219,6 @@ def test_float64_inputs_are_computed_in_float64(impl):
 # ------------------------------------------------------------------------------------------
 # jax_debug_nans: no NaN anywhere, forward or backward, fully masked rows included.
 
-# Every mask kind appears here alone or in a combination; rows 0 of "mask_dense" and batch row 0
-# of "empty_rows" see no key at all.
-DEBUG_NAN_MASKS = ("none", "causal_offset_per_row", "window_causal", "q_lengths", "empty_rows",
-                   "mask_dense", "mask_broadcast", "bias", "combo_causal_lengths_segments_bias",
-                   "combo_window_mask_softcap_offsets")
 
 
 @pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
