@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,19 +78,7 @@ def _check(case: ta.Case, dtype, impl_kw=PALLAS, interpret: bool = True):
     """The assertions of ``tests.test_attention._check``, for the interpreted kernel."""
     data = ta._build(case, dtype)
     out, lse, grads = _run(case, dtype, data, impl_kw, interpret)
-    ftol, gtol = ta.TOLERANCES[dtype]
-    chex.assert_shape(out, data["want_out"].shape)
-    assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads if g is not None)
-    ta._assert_close("output", out, data["want_out"], ftol)
-    want_lse = data["want_lse"]
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-    finite = np.isfinite(want_lse)
-    lse_tol = max(ftol, float(jnp.finfo(dtype).eps) * 4)
-    np.testing.assert_allclose(lse[finite], want_lse[finite], rtol=lse_tol, atol=lse_tol)
-    for name, g, w in zip(("dq", "dk", "dv", "dbias"), grads, data["want_grads"], strict=True):
-        if w is None:
-            continue
-        ta._assert_close(name, g, w, gtol * max(1.0, float(np.abs(w).max()) / 10))
+    ta.compare_to_reference(data, out, lse, grads, dtype)
     return data, out, lse, grads
 
 

@@ -74,6 +74,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from attnjax._src import dropout as dropout_lib
 from attnjax._src import pallas_config
+from attnjax._src.chunked import _pad_axis as _pad
 from attnjax._src.config import as_chunk_size
 from attnjax._src.masks import MaskInfo
 
@@ -913,15 +914,6 @@ def as_block_sizes(block_sizes, head_dim: int) -> BlockSizes:
                              f"it must be a power of two >= {MIN_BLOCK}")
     return dataclasses.replace(default, block_q=cs.query, block_k=cs.key, block_q_dkv=cs.query,
                                block_k_dkv=cs.key, block_q_dq=cs.query, block_k_dq=cs.key)
-
-
-def _pad(x, axis: int, size: int, value=0):
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(x, pads, constant_values=value)
 
 
 def _fit(block: int, length: int) -> int:
