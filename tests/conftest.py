@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption(
+        "--run-slow", action="store_true", default=False,
+        help="also run the cases marked slow (wider tables, long sequences, the two-process ring); "
+        "the default run keeps a sample of each table and finishes in a few minutes on 2 cores",
+    )
+    parser.addoption(
         "--full-grid", action="store_true", default=False,
         help="run the whole differential grid of tests/test_harness.py (slow; a seeded sample "
         "of it runs by default)",
@@ -19,12 +24,17 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "full_grid: the whole differential grid (--full-grid)")
+    config.addinivalue_line("markers", "slow: long-running cases (--run-slow)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--full-grid"):
-        return
-    skip = pytest.mark.skip(reason="the full differential grid runs with --full-grid")
+    run_slow = config.getoption("--run-slow")
+    full_grid = config.getoption("--full-grid")
+    skip_grid = pytest.mark.skip(reason="the full differential grid runs with --full-grid")
+    skip_slow = pytest.mark.skip(reason="slow: runs with --run-slow")
     for item in items:
         if "full_grid" in item.keywords:
-            item.add_marker(skip)
+            if not full_grid:
+                item.add_marker(skip_grid)
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
