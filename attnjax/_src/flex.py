@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
 
 Array = jax.Array
 
@@ -214,6 +215,26 @@ def block_mask_from_classes(classes, seq_lengths, block_size, mask_mod=None,
                      query_offset=int(query_offset))
 
 
+def mod_depends_on(fn: Callable, *example_args) -> tuple[bool, ...]:
+    """Whether the output of ``fn(*example_args)`` is data-dependent on each argument.
+
+    Traces ``fn`` once (:func:`jax.make_jaxpr`, abstract arguments are fine) and propagates
+    dependence forward through the equations: an equation's outputs depend on an argument
+    when any of its inputs does. Conservative (an equation with a sub-jaxpr counts as depending
+    on all its inputs), so ``False`` means the argument certainly does not matter.
+    """
+    closed = jax.make_jaxpr(fn)(*example_args)
+    jaxpr = closed.jaxpr
+    result = []
+    for var in jaxpr.invars:
+        dep = {var}
+        for eqn in jaxpr.eqns:
+            if any(isinstance(x, jex_core.Var) and x in dep for x in eqn.invars):
+                dep.update(eqn.outvars)
+        result.append(any(isinstance(x, jex_core.Var) and x in dep for x in jaxpr.outvars))
+    return tuple(result)
+
+
 def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, S: int, *,
                       block_size: int | tuple[int, int] | None = None,
                       query_offset: int = 0) -> BlockMask:
@@ -224,10 +245,19 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
     it works under ``jit`` and for data-dependent mask_mods (closing over arrays). Positions
     past ``T`` / ``S`` (the padding of a last partial block) are ignored.
 
+    ``B=None`` / ``N=None`` build a single row / head (``mask_mod`` is called with ``b = 0`` /
+    ``h = 0`` only) and the result broadcasts over every batch row / head of the attention
+    call. That is only right for a ``mask_mod`` that ignores ``b`` / ``h``, so a ``mask_mod``
+    whose output depends on that argument (found by tracing it) raises ``ValueError``: pass
+    the size instead (``B=1`` is allowed and means one row, as for a ``(1, S)`` document-id
+    array).
+
     Args:
       mask_mod: the mask, element-wise in jnp operations on broadcast int32 index arrays.
-      B: batch size, or ``None`` when the mask is the same for every row (one row is built).
-      N: query heads, or ``None`` when the mask is the same for every head.
+      B: batch size, or ``None`` when the mask is the same for every row (one row is built
+        and broadcast; ``mask_mod`` must not depend on ``b``).
+      N: query heads, or ``None`` when the mask is the same for every head (one head is
+        built and broadcast; ``mask_mod`` must not depend on ``h``).
       T: query length; S: key length.
       block_size: an int, a ``(block_q, block_k)`` pair, or ``None`` for attnjax's default
         chunk size for ``B·N`` (512 for ``B·N <= 8``). It becomes the chunk size of every call
@@ -240,7 +270,8 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
 
     Raises:
       TypeError: a ``mask_mod`` that does not return bool, or bad sizes.
-      ValueError: non-positive sizes.
+      ValueError: non-positive sizes; ``B=None`` (``N=None``) with a ``mask_mod`` that
+        depends on ``b`` (``h``).
 
     Example:
       >>> causal = lambda b, h, q, kv: q >= kv
@@ -264,6 +295,17 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
     else:
         bq, bk = as_chunk_size(block_size).resolve(T, S)
     check_mods(mask_mod, None, Bm, Nm, T, S, jnp.float32)
+    if B is None or N is None:
+        idx = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+        deps = mod_depends_on(mask_mod, idx, idx, jax.ShapeDtypeStruct((1, 1, T, 1), jnp.int32),
+                              jax.ShapeDtypeStruct((1, 1, 1, S), jnp.int32))
+        for name, size, arg, dep in (("B", B, "b", deps[0]), ("N", N, "h", deps[1])):
+            if size is None and dep:
+                raise ValueError(
+                    f"create_block_mask: mask_mod depends on its {arg!r} argument but {name}=None "
+                    f"(one {'row' if arg == 'b' else 'head'} built and broadcast to all); pass "
+                    f"{name}=<the attention call's {'batch size' if arg == 'b' else 'query heads'}>"
+                )
     nq, nk = -(-T // bq), -(-S // bk)
     bi = jnp.arange(Bm, dtype=jnp.int32).reshape(Bm, 1, 1, 1)
     hi = jnp.arange(Nm, dtype=jnp.int32).reshape(1, Nm, 1, 1)
