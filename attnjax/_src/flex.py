@@ -60,20 +60,71 @@ def call_mod(fn: Callable, ids: tuple[int, ...], consts, *args):
         return fn(*args)
     closed = jax.make_jaxpr(fn)(*args)
     vals = []
+    retyped = False
     for c in closed.consts:
         if isinstance(c, jax.core.Tracer):
             try:
-                vals.append(consts[ids.index(id(c))])
+                new = consts[ids.index(id(c))]
             except ValueError:
                 raise ValueError(
                     "a mask_mod/score_mod closes over a traced array that was not present when "
                     "attnjax first traced it; build the callable once, outside the attention "
                     "call, and do not let it create traced arrays depending on the call"
                 ) from None
+            retyped |= varying_axes(new) != varying_axes(c)
+            vals.append(new)
         else:
             vals.append(c)
+    if retyped:
+        return _eval_varying(closed.jaxpr, vals, args)[0]
     out = jax.core.eval_jaxpr(closed.jaxpr, vals, *args)
     return out[0]
+
+
+def varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _to_varying(x, axes):
+    extra = tuple(sorted(set(axes) - varying_axes(x), key=str))
+    return lax.pcast(x, extra, to="varying") if extra else x
+
+
+def _eval_varying(jaxpr, consts, args):
+    """``eval_jaxpr`` for a jaxpr traced with a closed-over array invariant over some
+    ``shard_map`` axes, evaluated with a replacement that varies over them (the backward pass
+    casts it, so that its cotangent is not psum-ed once per block): each equation's inputs are
+    cast to the axes any of them varies over, as tracing would have done, and the recorded
+    ``pvary`` casts skip axes already varying. ``jit`` calls are inlined."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        vals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "pvary":
+            outs = [_to_varying(x, eqn.params["axes"]) for x in vals]
+        elif name in ("jit", "pjit"):
+            inner = eqn.params["jaxpr"]
+            outs = _eval_varying(inner.jaxpr, inner.consts, vals)
+        else:
+            axes = frozenset().union(*(varying_axes(x) for x in vals))
+            vals = [_to_varying(x, axes) for x in vals]
+            outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
 
 
 def index_arrays(layout: str, B: int, K: int, G: int, q_pos, k_pos):
