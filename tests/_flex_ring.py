@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import attnjax  # noqa: E402
 from attnjax import masks  # noqa: E402
@@ -64,7 +65,31 @@ def main():
         results[layout] = dict(diffs=diffs, dsinks=float(jnp.max(jnp.abs(got[1][3]))),
                                dslopes=float(jnp.max(jnp.abs(got[1][4]))))
     results["closure_grads_p2"] = closure_grads(q, k, v, dout, slopes * 4)
+    results["chunked_in_shard_map"] = chunked_in_shard_map(q, slopes * 4)
     print(json.dumps(results))
+
+
+def chunked_in_shard_map(q, slopes):
+    """dot_product_attention("xla_chunked") inside a user's shard_map over the batch, with a
+    replicated ALiBi slope vector: its gradient equals the one without shard_map (the devices'
+    parts summed once). Returns the largest differences (dq, dslopes) and the dslopes size."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,),
+                         devices=jax.devices()[:2])
+
+    def attn(q, s):
+        return attnjax.dot_product_attention(q, q, q, score_mod=masks.alibi(s), is_causal=True,
+                                             implementation="xla_chunked", chunk_size=8)
+
+    def loss_sm(q, s):
+        f = jax.shard_map(lambda q: attn(q, s), mesh=mesh, in_specs=P("data"),
+                          out_specs=P("data"))
+        return jnp.sum(f(q) ** 2)
+
+    qs = jax.device_put(q, jax.sharding.NamedSharding(mesh, P("data")))
+    got = jax.jit(jax.grad(loss_sm, argnums=(0, 1)))(qs, slopes)
+    want = jax.jit(jax.grad(lambda q, s: jnp.sum(attn(q, s) ** 2), argnums=(0, 1)))(q, slopes)
+    return dict(diffs=[float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want, strict=True)],
+                dslopes=float(jnp.max(jnp.abs(want[1]))))
 
 
 def t5_bucket_np(rel, num_buckets, max_distance):

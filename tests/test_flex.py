@@ -443,6 +443,10 @@ def test_ring_attention_mods_match_single_device():
     assert set(grads) == {"dq", "dk", "dv", "dslopes", "dtable"}, res
     for name, g in grads.items():
         assert g["scale"] > 0.1 and g["err"] <= 2e-5 * max(1.0, g["scale"]), (name, g)
+    # The chunked kernel inside a user's shard_map (batch split): a replicated closed-over
+    # array's gradient is the sum of the devices' parts, the same as without shard_map.
+    sm = res["chunked_in_shard_map"]
+    assert sm["dslopes"] > 1 and sm["diffs"][0] < 1e-4 and sm["diffs"][1] <= 1e-5 * sm["dslopes"], sm
 
 
 @pytest.mark.parametrize("window", [None, 8], ids=["plain_cache", "ring_buffer"])
