@@ -7,7 +7,12 @@
   (closure conversion, as :func:`jax.closure_convert`, but shape-agnostic); the kernel receives
   them as explicit operands and :func:`call_mod` re-traces the callable at each block's shape,
   substituting the kernel's operands for the closed-over values (matched by identity). Concrete
-  (untraced) closed-over arrays are constants and stay where they are.
+  (untraced) closed-over arrays are constants and stay where they are. Inside ``shard_map``
+  the backward pass casts them to varying (see :func:`_eval_varying`), so their cotangents are
+  summed over devices once, not once per block.
+* :func:`mod_depends_on`: whether a callable's output depends on each argument (traced data
+  dependence); :func:`create_block_mask` uses it to refuse ``B=None`` / ``N=None`` for masks
+  that depend on ``b`` / ``h``.
 * :class:`BlockMask` and :func:`create_block_mask`: a per-(query block, key block)
   classification (0 empty, 1 partial, 2 full) built block by block, never as a T×S array.
 * :func:`block_classes`: the class table ``(nq, nk)`` of one chunked call, combining every mask
