@@ -123,13 +123,7 @@ def _three_loops(ranges, masked_body, plain_body, carry, always_masked: bool):
     return lax.fori_loop(fhi, hi, masked_body, carry)
 
 
-def _varying_axes(x) -> frozenset:
-    """The ``shard_map`` mesh axes ``x`` varies over (empty outside ``shard_map``)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()) or ())
+_varying_axes = flex.varying_axes
 
 
 def _vma(*trees) -> tuple:
@@ -275,6 +269,12 @@ def _backward(qc, kc, vc, bias5, info: MaskInfo, seed, out, lse, dout, dlse, st:
     # Fully hidden rows have lse = -inf; exp(s - inf) = 0 gives them zero weights and gradients.
     lse_use = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
     vma = _vma(qc, kc, vc, bias5, info, seed, out, lse, dout, dlse)
+    # Inside shard_map, a closed-over array that is invariant over a mesh axis would be cast to
+    # varying implicitly in each block's score_mod, and the VJP of that cast is a psum, once
+    # per block (a collective inside data-dependent loops: wrong counts, or a deadlock). Cast
+    # it once here instead: the cotangents stay per device and :func:`sum_to_vma` sums them
+    # once, at the end.
+    sconsts = tuple(_varying(c, vma) for c in sconsts)
     dq_t0 = _varying(jnp.zeros((nq, BK, H, R), cdt), vma)
     dbias0 = None if bias5 is None else _varying(jnp.zeros(bias5.shape, cdt), vma)
     dcap0 = None if cap is None else _varying(jnp.zeros((), cdt), vma)
@@ -410,7 +410,19 @@ def _core_bwd(st, res, cts):
     dout, dlse = cts
     dqc, dkc, dvc, dbias, dcap, dsc = _backward(qc, kc, vc, bias5, info, seed, out, lse, dout,
                                                 dlse, st, cap, sconsts)
+    dsc = tuple(sum_to_vma(d, c) for d, c in zip(dsc, sconsts, strict=True))
     return dqc, dkc, dvc, dbias, None, None, dcap, dsc
+
+
+def sum_to_vma(ct, primal):
+    """The cotangent ``ct`` of ``primal`` summed (``psum``) over the ``shard_map`` mesh axes
+    that ``ct`` varies over and ``primal`` does not: a value that is the same on every device
+    of an axis is one value, whose cotangent is the sum of every device's part. A no-op
+    outside ``shard_map`` and for float0 cotangents."""
+    if getattr(ct, "dtype", None) == jax.dtypes.float0:
+        return ct
+    extra = tuple(a for a in _vma(ct) if a not in _varying_axes(primal))
+    return lax.psum(ct, extra) if extra else ct
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -7,7 +7,12 @@
   (closure conversion, as :func:`jax.closure_convert`, but shape-agnostic); the kernel receives
   them as explicit operands and :func:`call_mod` re-traces the callable at each block's shape,
   substituting the kernel's operands for the closed-over values (matched by identity). Concrete
-  (untraced) closed-over arrays are constants and stay where they are.
+  (untraced) closed-over arrays are constants and stay where they are. Inside ``shard_map``
+  the backward pass casts them to varying (see :func:`_eval_varying`), so their cotangents are
+  summed over devices once, not once per block.
+* :func:`mod_depends_on`: whether a callable's output depends on each argument (traced data
+  dependence); :func:`create_block_mask` uses it to refuse ``B=None`` / ``N=None`` for masks
+  that depend on ``b`` / ``h``.
 * :class:`BlockMask` and :func:`create_block_mask`: a per-(query block, key block)
   classification (0 empty, 1 partial, 2 full) built block by block, never as a T×S array.
 * :func:`block_classes`: the class table ``(nq, nk)`` of one chunked call, combining every mask
@@ -27,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
 
 Array = jax.Array
 
@@ -59,20 +65,71 @@ def call_mod(fn: Callable, ids: tuple[int, ...], consts, *args):
         return fn(*args)
     closed = jax.make_jaxpr(fn)(*args)
     vals = []
+    retyped = False
     for c in closed.consts:
         if isinstance(c, jax.core.Tracer):
             try:
-                vals.append(consts[ids.index(id(c))])
+                new = consts[ids.index(id(c))]
             except ValueError:
                 raise ValueError(
                     "a mask_mod/score_mod closes over a traced array that was not present when "
                     "attnjax first traced it; build the callable once, outside the attention "
                     "call, and do not let it create traced arrays depending on the call"
                 ) from None
+            retyped |= varying_axes(new) != varying_axes(c)
+            vals.append(new)
         else:
             vals.append(c)
+    if retyped:
+        return _eval_varying(closed.jaxpr, vals, args)[0]
     out = jax.core.eval_jaxpr(closed.jaxpr, vals, *args)
     return out[0]
+
+
+def varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _to_varying(x, axes):
+    extra = tuple(sorted(set(axes) - varying_axes(x), key=str))
+    return lax.pcast(x, extra, to="varying") if extra else x
+
+
+def _eval_varying(jaxpr, consts, args):
+    """``eval_jaxpr`` for a jaxpr traced with a closed-over array invariant over some
+    ``shard_map`` axes, evaluated with a replacement that varies over them (the backward pass
+    casts it, so that its cotangent is not psum-ed once per block): each equation's inputs are
+    cast to the axes any of them varies over, as tracing would have done, and the recorded
+    ``pvary`` casts skip axes already varying. ``jit`` calls are inlined."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        vals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "pvary":
+            outs = [_to_varying(x, eqn.params["axes"]) for x in vals]
+        elif name in ("jit", "pjit"):
+            inner = eqn.params["jaxpr"]
+            outs = _eval_varying(inner.jaxpr, inner.consts, vals)
+        else:
+            axes = frozenset().union(*(varying_axes(x) for x in vals))
+            vals = [_to_varying(x, axes) for x in vals]
+            outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
 
 
 def index_arrays(layout: str, B: int, K: int, G: int, q_pos, k_pos):
@@ -214,6 +271,26 @@ def block_mask_from_classes(classes, seq_lengths, block_size, mask_mod=None,
                      query_offset=int(query_offset))
 
 
+def mod_depends_on(fn: Callable, *example_args) -> tuple[bool, ...]:
+    """Whether the output of ``fn(*example_args)`` is data-dependent on each argument.
+
+    Traces ``fn`` once (:func:`jax.make_jaxpr`, abstract arguments are fine) and propagates
+    dependence forward through the equations: an equation's outputs depend on an argument
+    when any of its inputs does. Conservative (an equation with a sub-jaxpr counts as depending
+    on all its inputs), so ``False`` means the argument certainly does not matter.
+    """
+    closed = jax.make_jaxpr(fn)(*example_args)
+    jaxpr = closed.jaxpr
+    result = []
+    for var in jaxpr.invars:
+        dep = {var}
+        for eqn in jaxpr.eqns:
+            if any(isinstance(x, jex_core.Var) and x in dep for x in eqn.invars):
+                dep.update(eqn.outvars)
+        result.append(any(isinstance(x, jex_core.Var) and x in dep for x in jaxpr.outvars))
+    return tuple(result)
+
+
 def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, S: int, *,
                       block_size: int | tuple[int, int] | None = None,
                       query_offset: int = 0) -> BlockMask:
@@ -224,10 +301,19 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
     it works under ``jit`` and for data-dependent mask_mods (closing over arrays). Positions
     past ``T`` / ``S`` (the padding of a last partial block) are ignored.
 
+    ``B=None`` / ``N=None`` build a single row / head (``mask_mod`` is called with ``b = 0`` /
+    ``h = 0`` only) and the result broadcasts over every batch row / head of the attention
+    call. That is only right for a ``mask_mod`` that ignores ``b`` / ``h``, so a ``mask_mod``
+    whose output depends on that argument (found by tracing it) raises ``ValueError``: pass
+    the size instead (``B=1`` is allowed and means one row, as for a ``(1, S)`` document-id
+    array).
+
     Args:
       mask_mod: the mask, element-wise in jnp operations on broadcast int32 index arrays.
-      B: batch size, or ``None`` when the mask is the same for every row (one row is built).
-      N: query heads, or ``None`` when the mask is the same for every head.
+      B: batch size, or ``None`` when the mask is the same for every row (one row is built
+        and broadcast; ``mask_mod`` must not depend on ``b``).
+      N: query heads, or ``None`` when the mask is the same for every head (one head is
+        built and broadcast; ``mask_mod`` must not depend on ``h``).
       T: query length; S: key length.
       block_size: an int, a ``(block_q, block_k)`` pair, or ``None`` for attnjax's default
         chunk size for ``B·N`` (512 for ``B·N <= 8``). It becomes the chunk size of every call
@@ -240,7 +326,8 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
 
     Raises:
       TypeError: a ``mask_mod`` that does not return bool, or bad sizes.
-      ValueError: non-positive sizes.
+      ValueError: non-positive sizes; ``B=None`` (``N=None``) with a ``mask_mod`` that
+        depends on ``b`` (``h``).
 
     Example:
       >>> causal = lambda b, h, q, kv: q >= kv
@@ -264,6 +351,17 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
     else:
         bq, bk = as_chunk_size(block_size).resolve(T, S)
     check_mods(mask_mod, None, Bm, Nm, T, S, jnp.float32)
+    if B is None or N is None:
+        idx = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+        deps = mod_depends_on(mask_mod, idx, idx, jax.ShapeDtypeStruct((1, 1, T, 1), jnp.int32),
+                              jax.ShapeDtypeStruct((1, 1, 1, S), jnp.int32))
+        for name, size, arg, dep in (("B", B, "b", deps[0]), ("N", N, "h", deps[1])):
+            if size is None and dep:
+                raise ValueError(
+                    f"create_block_mask: mask_mod depends on its {arg!r} argument but {name}=None "
+                    f"(one {'row' if arg == 'b' else 'head'} built and broadcast to all); pass "
+                    f"{name}=<the attention call's {'batch size' if arg == 'b' else 'query heads'}>"
+                )
     nq, nk = -(-T // bq), -(-S // bk)
     bi = jnp.arange(Bm, dtype=jnp.int32).reshape(Bm, 1, 1, 1)
     hi = jnp.arange(Nm, dtype=jnp.int32).reshape(1, Nm, 1, 1)

@@ -77,6 +77,7 @@ from attnjax._src.chunked import (
     kv_to_chunks,
     merge_partials,
     q_to_chunks,
+    sum_to_vma,
 )
 from attnjax._src.config import ChunkSize, as_chunk_size
 from attnjax._src.masks import MaskInfo
@@ -321,9 +322,16 @@ def _ring_forward(qs, ks, vs, aux, rs: _RingStatic):
     return acc
 
 
-def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, dq):
+def _diff_consts(aux) -> tuple[int, ...]:
+    """Indices of the floating (differentiable) arrays among a score_mod's closed-over arrays."""
+    return tuple(i for i, c in enumerate(aux.get("score_consts", ()))
+                 if jnp.issubdtype(c.dtype, jnp.inexact))
+
+
+def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, dq, dsc):
     ks, vs, kv_ids = kv
     dq, dk, dv = tuple(dq), tuple(dkv[0]), tuple(dkv[1])
+    diff = _diff_consts(aux)
     for sq, sk in _pairs(rs):
         qpos = _seg_start(rs, me, sq, rs.q_seg)
         kpos = _seg_start(rs, src, sk, rs.k_seg)
@@ -332,14 +340,24 @@ def _bwd_step(rs: _RingStatic, qs, kv, dkv, aux, me, src, out, lse, dout, dlse, 
 
         def compute(grads, ins=ins, info=info):
             q_, k_, v_, o_, l_, do_, dl_ = ins
-            g = _backward(q_, k_, v_, None, info, None, o_, l_, do_, dl_, rs.kernel)
-            return tuple(a + b.astype(a.dtype) for a, b in zip(grads, g[:3], strict=True))
+            g = _backward(q_, k_, v_, None, info, None, o_, l_, do_, dl_, rs.kernel,
+                          sconsts=info.score_consts if diff else None)
+            new = tuple(a + b.astype(a.dtype) for a, b in zip(grads[:3], g[:3], strict=True))
+            if diff:
+                # This pair's cotangents of the score_mod's closed-over arrays (this device's
+                # queries against the visiting keys), summed over pairs and ring steps.
+                new += (tuple(a + g[5][i].astype(a.dtype) for a, i in zip(grads[3], diff,
+                                                                          strict=True)),)
+            return new
 
-        g = _maybe(_any_visible(info), compute, (dq[sq], dk[sk], dv[sk]))
+        carry = (dq[sq], dk[sk], dv[sk]) + ((dsc,) if diff else ())
+        g = _maybe(_any_visible(info), compute, carry)
         dq = dq[:sq] + (g[0],) + dq[sq + 1:]
         dk = dk[:sk] + (g[1],) + dk[sk + 1:]
         dv = dv[:sk] + (g[2],) + dv[sk + 1:]
-    return dq, (dk, dv)
+        if diff:
+            dsc = g[3]
+    return dq, (dk, dv), dsc
 
 
 def _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs: _RingStatic):
@@ -352,17 +370,30 @@ def _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs: _RingStatic):
     dkv = (tuple(_varying_like(jnp.zeros(x.shape, cdt), refs) for x in ks),
            tuple(_varying_like(jnp.zeros(x.shape, cdt), refs) for x in vs))
     kv = (ks, vs, aux.get("kv_segment_ids"))
+    consts = aux.get("score_consts", ())
+    diff = _diff_consts(aux)
+    dsc = tuple(_varying_like(jnp.zeros(consts[i].shape, compute_dtype(consts[i].dtype)), refs)
+                for i in diff)
 
     def body(t, carry):
-        kv, dkv, dq = carry
+        kv, dkv, dq, dsc = carry
         nxt = lax.ppermute(kv, rs.axis_name, perm)  # overlaps with the step below
-        dq, dkv = _bwd_step(rs, qs, kv, dkv, aux, me, (me - t) % n, out, lse, dout, dlse, dq)
+        dq, dkv, dsc = _bwd_step(rs, qs, kv, dkv, aux, me, (me - t) % n, out, lse, dout, dlse,
+                                 dq, dsc)
         dkv = lax.ppermute(dkv, rs.axis_name, perm)  # gradients follow their block
-        return nxt, dkv, dq
+        return nxt, dkv, dq, dsc
 
     # After P steps (P hops) the blocks and their gradients are back on their owners.
-    _, (dk, dv), dq = lax.fori_loop(0, n, body, (kv, dkv, dq))
-    return dq, dk, dv
+    _, (dk, dv), dq, dsc = lax.fori_loop(0, n, body, (kv, dkv, dq, dsc))
+    # Each device holds the cotangent of its own queries' use of a closed-over array. An array
+    # that is the same (invariant) on every device of a mesh axis is one value, so its
+    # cotangent is the sum over that axis (psum); over axes it varies on, each device's copy
+    # keeps its own part.
+    dconsts = [None if jnp.issubdtype(c.dtype, jnp.inexact)
+               else np.zeros(c.shape, jax.dtypes.float0) for c in consts]
+    for a, i in zip(dsc, diff, strict=True):
+        dconsts[i] = sum_to_vma(a, consts[i]).astype(consts[i].dtype)
+    return dq, dk, dv, tuple(dconsts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -379,18 +410,15 @@ def _ring_core_fwd(qs, ks, vs, aux, rs):
 def _ring_core_bwd(rs, res, cts):
     qs, ks, vs, aux, out, lse = res
     dout, dlse = cts
-    dq, dk, dv = _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs)
+    dq, dk, dv, dconsts = _ring_backward(qs, ks, vs, aux, out, lse, dout, dlse, rs)
 
     def cast(gs, xs):
         return tuple(g.astype(x.dtype) for g, x in zip(gs, xs, strict=True))
 
     daux = None
     if aux.get("score_consts"):
-        # Not computed here (see ring_attention): NaN, never a silent zero.
         daux = {name: None for name in aux}
-        daux["score_consts"] = tuple(
-            np.full(c.shape, np.nan, c.dtype) if jnp.issubdtype(c.dtype, jnp.inexact)
-            else np.zeros(c.shape, jax.dtypes.float0) for c in aux["score_consts"])
+        daux["score_consts"] = dconsts
     return cast(dq, qs), cast(dk, ks), cast(dv, vs), daux
 
 
@@ -489,9 +517,9 @@ def ring_attention(
       mask_mod, score_mod, sinks: as in :func:`attnjax.dot_product_attention`, over global
         positions (``q_idx`` = global query position + ``query_offset``, ``kv_idx`` = global
         key position); arrays they close over must be the same on every device. Gradients flow
-        to q, k, v and ``sinks``; gradients with respect to arrays a ``score_mod`` closes over
-        are not implemented in the ring yet: asking for them under ``jit(grad(...))`` raises a
-        ``TypeError``, and where that cannot be detected they come back as NaN (never zero).
+        to q, k, v, ``sinks`` and the floating arrays a ``score_mod`` closes over (each
+        device's queries contribute their part; for an array that is invariant over a mesh
+        axis, as a replicated one is, the parts are summed over that axis with ``psum``).
       implementation: the per-block kernel: ``None`` or ``"xla_chunked"`` (the only one that
         returns the per-block log-sum-exp and accepts the carried statistics the ring merges);
         any other registered name raises ``ValueError`` with that reason.
@@ -595,13 +623,6 @@ def ring_attention(
         fields = flex.mod_fields(mask_mod, score_mod, None, B, N, K, T, S, cdt)
         aux["mask_consts"] = fields.pop("mask_consts", ())
         aux["score_consts"] = fields.pop("score_consts", ())
-        for c in aux["score_consts"]:
-            if type(c).__name__ == "JVPTracer" and jnp.issubdtype(c.dtype, jnp.inexact):
-                raise TypeError(
-                    "ring_attention cannot yet differentiate the arrays a score_mod closes over "
-                    f"(got a differentiated {c.dtype}{tuple(c.shape)} array); use "
-                    "dot_product_attention for that, or close over a constant"
-                )
         mods = tuple(sorted(fields.items()))
     if sinks is not None:
         sinks = jnp.asarray(sinks)
