@@ -14,6 +14,7 @@ from attnjax._src.registry import Call, CallFeatures, Implementation
 
 class PallasGPU(Implementation):
     name = "pallas_gpu"
+    supports_flex = True
     platforms = ("cuda", "rocm")
     dtypes = ("float32", "float16", "bfloat16")
     serves = ("every mask kind in the kernel (causal, window, per-row query_offset, lengths, "
