@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Sequence
@@ -428,6 +429,13 @@ def dot_product_attention(
         pallas_interpret=pallas_config.interpret_enabled(),
         flex=mask_mod is not None or score_mod is not None or block_mask is not None,
     )
+    if (features.platform in ("cuda", "rocm") and not features.pallas_interpret
+            and (mask_mod is not None or score_mod is not None)):
+        # Whether the mods lower to Triton (decided here, so that dispatch can say why not).
+        from attnjax._src import pallas_gpu  # noqa: PLC0415 (Pallas is imported lazily)
+
+        features = dataclasses.replace(
+            features, flex_gpu_reason=pallas_gpu.mods_lowering_reason(mask_mod, score_mod))
     capture = getattr(_explain_state, "capture", None)
     if capture is not None:
         capture.append(features)

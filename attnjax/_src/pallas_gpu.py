@@ -613,7 +613,8 @@ def _mod_plan(jaxpr, const_vars):
                 if ok:
                     continue
                 return "a gather from a closed-over array in a form other than x[i, j, ...]"
-            if eqn.primitive is lax.dynamic_slice_p and eqn.invars[0] in consts:
+            if (eqn.primitive is lax.dynamic_slice_p and eqn.invars[0] in consts
+                    and all(x == 1 for x in eqn.params["slice_sizes"])):
                 continue
             # Loaded whole: Triton needs power-of-two block shapes.
             for v in uses:
@@ -626,6 +627,36 @@ def _mod_plan(jaxpr, const_vars):
                 return inner
         if eqn.primitive not in tl.triton_lowering_rules and not uses:
             return f"the primitive {eqn.primitive.name!r}, which Pallas cannot lower to Triton"
+    return None
+
+
+def mods_lowering_reason(mask_mod, score_mod) -> str | None:
+    """Why the kernels cannot lower these mods to Triton (a sentence), or ``None``.
+
+    Traced at a kernel block's shapes (scalar ``b``, ``h``; ``(16, 1)`` / ``(1, 16)``
+    positions); a ``score_mod`` also through its VJP with respect to the score. Point gathers
+    ``x[i, j, ...]`` from a closed-over array are fine (ref loads); a gather from a computed
+    array, a sort, a scatter are not.
+    """
+    i32 = jnp.int32
+    b = h = jnp.int32(0)
+    q, k = jnp.zeros((16, 1), i32), jnp.zeros((1, 16), i32)
+    s = jnp.zeros((16, 16), jnp.float32)
+    checks = []
+    if mask_mod is not None:
+        checks.append(("mask_mod", lambda: jax.make_jaxpr(mask_mod)(b, h, q, k)))
+    if score_mod is not None:
+        def grad(x):
+            y, fn = jax.vjp(lambda x: score_mod(x, b, h, q, k), x)
+            return y, fn(jnp.ones_like(y))
+        checks.append(("score_mod", lambda: jax.make_jaxpr(grad)(s)))
+    for name, trace in checks:
+        closed = trace()
+        why = _mod_plan(closed.jaxpr, closed.jaxpr.constvars)
+        if why is not None:
+            return (f"the {name} cannot run inside the Triton kernel: it uses {why}; index "
+                    "closed-over arrays directly (x[h], x[b, q_idx]) or use "
+                    "implementation='xla_chunked'")
     return None
 
 

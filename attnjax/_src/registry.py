@@ -89,6 +89,8 @@ class CallFeatures:
     precision: bool = False
     pallas_interpret: bool = False
     flex: bool = False  # a mask_mod, score_mod or block_mask (callables): see supports_flex
+    # Why the mods cannot run inside a compiled Pallas GPU kernel (None: they can, or not asked).
+    flex_gpu_reason: str | None = None
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
