@@ -808,7 +808,7 @@ def _zero_ref(ref):
         ref[tuple(reversed(idx))] = jnp.zeros((), ref.dtype)
         return 0
 
-    lax.fori_loop(0, math.prod(shape), body, 0)
+    lax.fori_loop(jnp.int32(0), jnp.int32(math.prod(shape)), body, 0)
 
 
 def _scatter_leaf(ref, leaf: _Leaf, g):
@@ -840,7 +840,7 @@ def _scatter_leaf(ref, leaf: _Leaf, g):
         ref[idx] = ref[idx] + jnp.sum(jnp.where(hit, g, 0.0))
         return 0
 
-    lax.fori_loop(0, total, body, 0)
+    lax.fori_loop(jnp.int32(0), jnp.int32(total), body, 0)
 
 
 # ------------------------------------------------------------------------------------------------
