@@ -405,6 +405,8 @@ from attnjax._src import flex  # noqa: E402
 from tests import test_flex as tf  # noqa: E402
 
 FLEX_DEFAULT = {("doc_causal", True), ("sinks_empty_rows", False)}
+# The other cases (~10 s each interpreted) run with `pytest --full-grid`.
+FULL = pytest.mark.full_grid
 FLEX_BLOCK = (16, 16)  # block-mask blocks = kernel blocks (chunk_size must agree)
 
 
@@ -439,7 +441,7 @@ def _flex_params():
         for bm in (False, True):
             if bm and c.mask is None:
                 continue
-            marks = () if (c.name, bm) in FLEX_DEFAULT else pytest.mark.slow
+            marks = () if (c.name, bm) in FLEX_DEFAULT else (pytest.mark.slow, FULL)
             yield pytest.param(c, bm, id=f"{c.name}{'-block_mask' if bm else ''}", marks=marks)
 
 
@@ -479,6 +481,7 @@ def x64():
 
 
 @pytest.mark.slow
+@FULL
 def test_block_mask_classes_are_obeyed_like_xla_chunked():
     """A hand-made block mask whose classes disagree with its mask_mod on purpose: EMPTY blocks
     must be skipped (never read) and FULL blocks run without the mask_mod, exactly as in
@@ -511,9 +514,10 @@ def test_block_mask_classes_are_obeyed_like_xla_chunked():
     assert np.all(np.isfinite(np.asarray(out_nan)[:, :16]))
 
 
-@pytest.mark.parametrize("block,kernel,has_full", [((16, 8), (32, 32), True),
-                                                   ((37, 20), (16, 16), False),
-                                                   ((8, 8), (64, 16), None)])
+@pytest.mark.parametrize("block,kernel,has_full", [
+    pytest.param((16, 8), (32, 32), True, marks=FULL),
+    ((37, 20), (16, 16), False),
+    pytest.param((8, 8), (64, 16), None, marks=FULL)])
 def test_kernel_block_table_regroups_block_mask_classes(block, kernel, has_full):
     """The block mask's classes regrouped for other kernel blocks: a kernel block is empty
     (full) exactly when every element it covers is (checked element by element)."""

@@ -71,9 +71,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jcore
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.extend import core as jcore
 
 from attnjax._src import dropout as dropout_lib
 from attnjax._src import pallas_config
@@ -1213,8 +1213,11 @@ def _bwd_calls(cfg: _Cfg, q, k, v, row, extras, dout, lse, delta):
     xspecs, xargs = _extra_specs(cq, extras, "q", 2)
     # Per-program partial gradients of the score_mod's differentiable arrays (summed below).
     dcs = [c for c, d in zip(extras[6], cfg.dconst, strict=True) if d]
-    dc_specs = [pl.BlockSpec((None, None, None, *c.shape),
-                             lambda i, b, n, nd=len(c.shape): (i, b, n) + (0,) * nd) for c in dcs]
+
+    def slot(nd):
+        return lambda i, b, n: (i, b, n) + (0,) * nd
+
+    dc_specs = [pl.BlockSpec((None, None, None, *c.shape), slot(c.ndim)) for c in dcs]
     dc_shapes = [jax.ShapeDtypeStruct((Tp // bq, B, N, *c.shape), jnp.float32) for c in dcs]
     dq, *dc_parts = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
