@@ -19,7 +19,8 @@ Kernels (all race-free, no atomics):
   keys of one kv head, loops over the G query heads that share it and over the query blocks that
   can see it (:func:`_query_ranges`), accumulating dK and dV in registers (GQA without copying
   K/V, and without a separate sum over the group afterwards).
-* **dQ** (:func:`_dq_kernel`): grid ``(T / block_q, B, N)``, key blocks inner, like the forward.
+* **dQ** (:func:`_dq_kernel`): grid ``(T / block_q, B, N)``, key blocks inner, like the forward;
+  with a ``score_mod`` closing over traced arrays, also their per-program partial gradients.
 * **dbias** (:func:`_dbias_kernel`, only when a bias is given): one program per output tile of the
   bias's own (possibly broadcast) shape, summing over the broadcast batch/head/query/key dims in a
   loop, so the gradient of a ``(1, N, 1, S)`` bias never materialises ``B·N·T·S`` values. A simple
@@ -38,26 +39,35 @@ memory) let every inner loop skip the blocks that share no segment with the prog
 run blocks of one single shared segment unmasked (:func:`_run_ranges`, a ``lax.switch`` per
 block), so packed-sequence attention costs about the sum of the documents' squares.
 
-Extension points (``mask_mod`` / ``score_mod`` / sinks / ``BlockMask`` of the flexible-attention
-issue, not in this module yet):
+Flexible attention (``mask_mod`` / ``score_mod`` / sinks / ``BlockMask``):
 
 * ``mask_mod(b, h, q_idx, kv_idx) -> bool`` is one more conjunct in :func:`_visible`, called with
-  the program's ``b``, ``n`` and the ``(block_q, 1)`` / ``(1, block_k)`` position vectors already
-  there; it makes every block "partial" unless a block table says otherwise.
+  the program's batch row and query head (int32 scalars) and the ``(block_q, 1)`` /
+  ``(1, block_k)`` position vectors (``q_idx = i + query_offset[b]``); without a block mask it
+  makes every block "partial" (always masked).
 * ``score_mod(score, b, h, q_idx, kv_idx)`` applies in :func:`_logits` after the soft cap and
-  before the bias; in :func:`_tile_grads` ``ds`` is multiplied by its derivative (``jax.vjp`` of
-  the mod on the block, traced into the kernel). Arrays it closes over (``flex.hoist``) become
-  whole-array operands (like the dbias pass's inputs) loaded in the kernel and substituted by
-  ``flex.call_mod``; their gradients need one more reduction pass like :func:`_dbias_kernel`.
-  Caveat for Triton: a mod that gathers from such an array by a traced index (``slopes[h]``,
-  ``doc_ids[q_idx]``) lowers in interpret mode but needs a ref load instead of a value gather
-  to lower for GPU.
+  before the bias; the backward kernels multiply by its VJP (traced into the kernel).
+* The arrays a mod closes over (:func:`_closure`: traced *and* concrete, since a Pallas kernel
+  may not capture constants) are whole-array operands of every kernel. :func:`_eval_mod`
+  evaluates the mod's jaxpr with each point gather from such an array (``slopes[h]``,
+  ``doc[b, q_idx]``, ``table[bucket, h]``) turned into a *ref load* at the clipped indices
+  (Triton lowers it as a pointer gather; a gather of a value has no Triton rule); other uses
+  load the array whole. Gradients to a ``score_mod``'s traced floating arrays: the dQ kernel
+  differentiates the mod with respect to the values it read (elementwise work) and scatters
+  their cotangents into one partial sum per program (:func:`_scatter_leaf`: a scalar index adds
+  the block's sum, array-indexed dims loop over their extent with one masked sum per element,
+  so no two lanes write one address); the partials ``(T / block_q, B, N, *shape)`` are summed
+  outside. Race-free, no atomics.
+* Which mods lower is decided before dispatch (:func:`mods_lowering_reason`: the mod's jaxpr at
+  kernel shapes, and its VJP, against Pallas's Triton lowering rules), so the registry reports
+  ``pallas_gpu`` ineligible with the reason instead of failing at lowering.
+* A ``BlockMask`` (classes EMPTY / PARTIAL / FULL of ``block_size`` blocks, collapsed over rows
+  and heads) is regrouped per kernel's block sizes (:func:`_kernel_table`) into an int32
+  ``(nq, nk)`` operand read like the segment ranges: its class of block ``(i, j)`` picks the
+  ``lax.switch`` branch in :func:`_run_ranges` (skip / masked / unmasked), combined with the
+  positional ranges and the segment classes.
 * Sinks need nothing here: ``flex.apply_sinks`` rescales ``(out, lse)`` outside the kernel, and
   the kernel's log-sum-exp is differentiable (its cotangent folds into ``delta``).
-* A ``BlockMask`` (flex's per-(query block, key block) classes EMPTY / PARTIAL / FULL) becomes an
-  int32 ``(nq, nk)`` operand per kernel block size, read like the segment ranges: its class of
-  block ``(i, j)`` is the index of the ``lax.switch`` in :func:`_run_ranges` (skip / masked /
-  unmasked), combined with the positional ranges.
 """
 
 from __future__ import annotations
