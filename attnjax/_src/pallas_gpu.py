@@ -483,7 +483,7 @@ def _tile_grads(cfg: _Cfg, s, lse, delta, dp, bias_blk, vis, keep, mods=None, qp
     smod, pullback = None, []
     if mods is not None and cfg.score_mod is not None:
         def smod(x):
-            y, fn, leaves = mods.score_vjp(x, qpos, kpos)
+            y, fn, leaves = mods.score_vjp(x, qpos, kpos, leaf_grads is not None)
             pullback.append((fn, leaves))
             return y
     z, t = _logits(cfg, s, bias_blk, vis, smod)
@@ -555,14 +555,9 @@ def _qk_tile(ref, shape, q_sl, k_sl, lead=()):
 
 def _closure(fn, *args):
     """Every array ``fn`` closes over (traced or concrete) when called on ``args``, and their
-    ids (static), in a stable order."""
+    ids (static), in the order of the traced jaxpr's constants."""
     closed = jax.make_jaxpr(fn)(*args)
-    consts, ids = [], []
-    for c in closed.consts:
-        if hasattr(c, "shape") and hasattr(c, "dtype") and id(c) not in ids:
-            consts.append(c)
-            ids.append(id(c))
-    return tuple(consts), tuple(ids)
+    return tuple(closed.consts), tuple(id(c) for c in closed.consts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -678,9 +673,14 @@ def _eval_mod(fn, ids, refs, args, overrides=None, leaves=None):
     jaxpr = closed.jaxpr
     const_of = {}
     env = {}
-    for var, c in zip(jaxpr.constvars, closed.consts, strict=True):
+    for p, (var, c) in enumerate(zip(jaxpr.constvars, closed.consts, strict=True)):
         if id(c) in ids:
             const_of[var] = ids.index(id(c))
+        elif (not isinstance(c, jax.core.Tracer) and p < len(refs)
+              and tuple(refs[p].shape) == tuple(c.shape) and refs[p].dtype == c.dtype):
+            # A concrete array the mod creates afresh on every call (a new object each
+            # trace): the same position in the same jaxpr. (A kernel may not capture it.)
+            const_of[var] = p
         elif isinstance(c, jax.core.Tracer):
             raise ValueError(
                 "a mask_mod/score_mod closes over a traced array that was not present when "
@@ -776,7 +776,7 @@ class _Mods:
         return _eval_mod(self.cfg.score_mod, self.cfg.score_ids, self.fx.score,
                          (x, *self._args(qpos, kpos)))
 
-    def score_vjp(self, x, qpos, kpos):
+    def score_vjp(self, x, qpos, kpos, with_leaves: bool = True):
         """``(y, pullback, leaves)``: ``pullback(dy) -> (dx, [d leaf])`` over the floating leaves
         (the arrays' values read by the mod); ``leaves``: their :class:`_Leaf` records."""
         args = self._args(qpos, kpos)
@@ -784,8 +784,8 @@ class _Mods:
         found = []
         _eval_mod(cfg.score_mod, cfg.score_ids, refs, (x, *args), leaves=found)
         vals = [v for _, v in found]
-        diff = [k for k, (lf, v) in enumerate(found)
-                if cfg.dconst[lf.const] and jnp.issubdtype(v.dtype, jnp.inexact)]
+        diff = [k for k, (lf, v) in enumerate(found) if with_leaves
+                and cfg.dconst[lf.const] and jnp.issubdtype(v.dtype, jnp.inexact)]
 
         def f(x, dvals):
             over = list(vals)
