@@ -522,15 +522,16 @@ def test_kernel_block_table_regroups_block_mask_classes(block, kernel, has_full)
     """The block mask's classes regrouped for other kernel blocks: a kernel block is empty
     (full) exactly when every element it covers is (checked element by element)."""
     T, S = 75, 90
-    mod = masks.sliding_window(60, 3)
-    bm = attnjax.create_block_mask(mod, None, None, T, S, block_size=block)
+    qi, ki = np.arange(T)[:, None], np.arange(S)[None, :]
+    dense = (ki >= qi - 60) & (ki <= qi + 3)  # a sliding window, element by element
+    cq, ck = block
+    cls = np.array([[flex.EMPTY if not blk.any() else flex.FULL if blk.all() else flex.PARTIAL
+                     for blk in (dense[i:i + cq, j:j + ck] for j in range(0, S, ck))]
+                    for i in range(0, T, cq)], np.int32)
     bq, bk = kernel
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
-    table = np.asarray(pallas_gpu._kernel_table(flex.collapse(bm.classes, (0, 1)), bm.block_size,
-                                                bq, bk, Tp, Sp))
+    table = np.asarray(pallas_gpu._kernel_table(jnp.asarray(cls), block, bq, bk, Tp, Sp))
     # Element classes of the block mask, expanded (PARTIAL where the block is partial).
-    cq, ck = bm.block_size
-    cls = np.asarray(bm.classes[0, 0])
     elem = cls[np.minimum(np.arange(Tp) // cq, cls.shape[0] - 1)][
         :, np.minimum(np.arange(Sp) // ck, cls.shape[1] - 1)]
     real = (np.arange(Tp)[:, None] < T) & (np.arange(Sp)[None, :] < S)
