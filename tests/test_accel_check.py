@@ -6,6 +6,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attnjax._src import accel_check
 
@@ -56,6 +57,8 @@ def test_accel_check_cpu_says_pallas_gpu_is_skipped(tmp_path, capsys):
     assert "pallas_gpu: skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.full_grid  # ~35 s: four implementations' correctness, two of them interpreted
 def test_accel_check_cpu_pallas_interpret(tmp_path, capsys):
     """``--pallas-interpret``: the Pallas kernels' correctness, interpreted; their timing is
     skipped (interpreted kernels have no speed worth reporting)."""
