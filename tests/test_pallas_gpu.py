@@ -567,3 +567,32 @@ def test_flex_registry_eligibility():
     with attnjax.pallas_interpret():
         assert attnjax.explain_dispatch(q, k, v, score_mod=bad,
                                         implementation="pallas_gpu").chosen == "pallas_gpu"
+
+
+@pytest.mark.slow
+@FULL
+def test_flex_bfloat16_matches_float32_xla():
+    """bfloat16 inputs with a mask_mod, an ALiBi score_mod (slope gradients) and sinks, against
+    ``"xla"`` on the same values in float32 (bf16 tolerances)."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 40, 4, 16)), jnp.bfloat16)
+    k = v = jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.bfloat16)
+    slopes = jnp.asarray([0.5, 0.25, 0.1, 0.05], jnp.float32)
+
+    def f(impl, dtype, q, s):
+        return attnjax.dot_product_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), mask_mod=masks.causal,
+            score_mod=masks.alibi(s), sinks=jnp.zeros(4), implementation=impl,
+            chunk_size=16 if impl == "pallas_gpu" else None).astype(jnp.float32)
+
+    def both(impl, dtype):
+        out = f(impl, dtype, q, slopes)
+        ds = jax.grad(lambda s: jnp.sum(f(impl, dtype, q, s)))(slopes)
+        return out, ds
+
+    with attnjax.pallas_interpret():
+        out, ds = jax.jit(lambda: both("pallas_gpu", jnp.bfloat16),
+                          compiler_options=_FAST_COMPILE)()
+    want, ds_ref = jax.jit(lambda: both("xla", jnp.float32))()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(ds), np.asarray(ds_ref), atol=0.1, rtol=0.05)
