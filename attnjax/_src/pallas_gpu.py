@@ -630,7 +630,7 @@ def _mod_plan(jaxpr, const_vars):
             inner = _mod_plan(sub, ())
             if inner is not None:
                 return inner
-        if eqn.primitive not in tl.triton_lowering_rules and not uses:
+        if eqn.primitive not in tl.triton_lowering_rules:
             return f"the primitive {eqn.primitive.name!r}, which Pallas cannot lower to Triton"
     return None
 
