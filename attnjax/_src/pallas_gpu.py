@@ -816,9 +816,9 @@ def _zero_ref(ref):
             idx.append(lax.rem(c, jnp.int32(d)))
             c = lax.div(c, jnp.int32(d))
         ref[tuple(reversed(idx))] = jnp.zeros((), ref.dtype)
-        return 0
 
-    lax.fori_loop(jnp.int32(0), jnp.int32(math.prod(shape)), body, 0)
+    # No carry (a literal carry does not lower to Triton's scf.yield).
+    lax.fori_loop(jnp.int32(0), jnp.int32(math.prod(shape)), body, None)
 
 
 def _scatter_leaf(ref, leaf: _Leaf, g):
@@ -848,9 +848,8 @@ def _scatter_leaf(ref, leaf: _Leaf, g):
             idx[d] = cd
         idx = tuple(idx)
         ref[idx] = ref[idx] + jnp.sum(jnp.where(hit, g, 0.0))
-        return 0
 
-    lax.fori_loop(jnp.int32(0), jnp.int32(total), body, 0)
+    lax.fori_loop(jnp.int32(0), jnp.int32(total), body, None)
 
 
 # ------------------------------------------------------------------------------------------------
