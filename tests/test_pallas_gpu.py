@@ -425,14 +425,17 @@ def _flex_library(case, block_mask: bool):
     return fn
 
 
-def _flex_grads(fn, data, argnums):
+def _flex_grads(fn, data, argnums, interpret: bool = True):
     loss = tf._loss(fn, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
     args = [jnp.asarray(data[n]) for n in ("q", "k", "v")]
     args += [jax.tree.map(jnp.asarray, data["params"]),
              None if data["sinks"] is None else jnp.asarray(data["sinks"])]
+    grad = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
+    if not interpret:  # compiled Triton kernels, on a GPU
+        (_, (out, lse)), grads = jax.jit(grad)(*args)
+        return out, lse, grads
     with attnjax.pallas_interpret():
-        (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True),
-                                         compiler_options=_FAST_COMPILE)(*args)
+        (_, (out, lse)), grads = jax.jit(grad, compiler_options=_FAST_COMPILE)(*args)
     return out, lse, grads
 
 
@@ -447,11 +450,24 @@ def _flex_params():
 
 @pytest.mark.parametrize(("case", "block_mask"), list(_flex_params()))
 def test_flex_matches_dense_float64_reference(case, block_mask, x64):
+    _check_flex(case, block_mask)
+
+
+@_ON_GPU
+@pytest.mark.parametrize(("case", "block_mask"), [
+    pytest.param(c, bm, id=f"{c.name}{'-block_mask' if bm else ''}")
+    for c in tf.CASES for bm in (False, True) if not (bm and c.mask is None)])
+def test_flex_on_gpu(case, block_mask, x64):
+    """The flexible-attention cases with the compiled Triton kernels (skipped without a GPU)."""
+    _check_flex(case, block_mask, interpret=False)
+
+
+def _check_flex(case, block_mask: bool, interpret: bool = True):
     argnums = (0, 1, 2, 3) + ((4,) if case.sinks else ())
     want = tf._grads(functools.partial(tf.reference, case=case, vis=tf.dense_visibility(case)),
                      tf._inputs(case), argnums)
     out, lse, grads = _flex_grads(_flex_library(case, block_mask),
-                                  tf._inputs(case, np.float32), argnums)
+                                  tf._inputs(case, np.float32), argnums, interpret)
     out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
     np.testing.assert_allclose(out, np.asarray(want[0]), atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(np.asarray(want[1])))
