@@ -570,26 +570,36 @@ def _producer(jaxpr):
     return {v: e for e in jaxpr.eqns for v in e.outvars}
 
 
-def _point_gather_dims(eqn, producers, env, read):
-    """Per-operand-dim index values of a point gather (every dim collapsed, slices of 1), or
-    ``None`` when the gather has another form."""
+def _point_gather_parts(eqn, producers):
+    """The per-index-dim index atoms of a point gather ``x[i, j, ...]`` (every operand dim
+    collapsed, slices of 1; indices concatenated from one array per dim, as jnp builds them),
+    or ``None`` when the gather has another form."""
     dn = eqn.params["dimension_numbers"]
     operand, indices = eqn.invars
     nd = len(operand.aval.shape)
     if (dn.offset_dims or dn.operand_batching_dims or tuple(sorted(dn.collapsed_slice_dims))
             != tuple(range(nd)) or any(s != 1 for s in eqn.params["slice_sizes"])
-            or len(dn.start_index_map) != nd):
+            or len(dn.start_index_map) != nd or indices.aval.shape[-1] != nd):
         return None
-    out_shape = tuple(indices.aval.shape[:-1])
     prod = producers.get(indices) if isinstance(indices, jcore.Var) else None
     if (prod is not None and prod.primitive is lax.concatenate_p
             and prod.params["dimension"] == len(indices.aval.shape) - 1
             and all(x.aval.shape[-1] == 1 for x in prod.invars) and len(prod.invars) == nd):
-        parts = [read(x).reshape(out_shape) for x in prod.invars]
-    elif nd == 1:
-        parts = [read(indices).reshape(out_shape)]
-    else:
+        return list(prod.invars)
+    if nd == 1:
+        return [indices]
+    return None
+
+
+def _point_gather_dims(eqn, producers, env, read):
+    """Per-operand-dim index values of a point gather, or ``None`` (another form)."""
+    dn = eqn.params["dimension_numbers"]
+    atoms = _point_gather_parts(eqn, producers)
+    if atoms is None:
         return None
+    out_shape = tuple(eqn.invars[1].aval.shape[:-1])
+    nd = len(atoms)
+    parts = [read(x).reshape(out_shape) for x in atoms]
     dims = [None] * nd
     for m, d in enumerate(dn.start_index_map):
         dims[d] = parts[m]
@@ -607,15 +617,7 @@ def _mod_plan(jaxpr, const_vars):
         uses = [v for v in eqn.invars if isinstance(v, jcore.Var) and v in consts]
         if uses:
             if eqn.primitive is lax.gather_p and eqn.invars[0] in consts:
-                dn = eqn.params["dimension_numbers"]
-                nd = len(eqn.invars[0].aval.shape)
-                ind = eqn.invars[1]
-                prod = producers.get(ind) if isinstance(ind, jcore.Var) else None
-                ok = (not dn.offset_dims and not dn.operand_batching_dims
-                      and tuple(sorted(dn.collapsed_slice_dims)) == tuple(range(nd))
-                      and (nd == 1 or (prod is not None and prod.primitive is lax.concatenate_p
-                                       and len(prod.invars) == nd)))
-                if ok:
+                if _point_gather_parts(eqn, producers) is not None:
                     continue
                 return "a gather from a closed-over array in a form other than x[i, j, ...]"
             if (eqn.primitive is lax.dynamic_slice_p and eqn.invars[0] in consts
