@@ -6,6 +6,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attnjax._src import accel_check
 
@@ -45,3 +46,29 @@ def test_timing_rows_side_by_side_with_jax_nn():
     assert any(n.startswith("attnjax:auto(") for n in names)
     assert all(r["tflops"] is not None and np.isfinite(r["tflops"]) for r in rows)
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+
+
+def test_accel_check_cpu_says_pallas_gpu_is_skipped(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert accel_check.main(["--no-timing", "--masks", "plain", "--dtypes", "float32",
+                             "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "pallas_gpu" in result["skipped"] and "--pallas-interpret" in result["skipped"]["pallas_gpu"]
+    assert "pallas_gpu: skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.full_grid  # ~35 s: four implementations' correctness, two of them interpreted
+def test_accel_check_cpu_pallas_interpret(tmp_path, capsys):
+    """``--pallas-interpret``: the Pallas kernels' correctness, interpreted; their timing is
+    skipped (interpreted kernels have no speed worth reporting)."""
+    out = tmp_path / "check.json"
+    rc = accel_check.main(["--pallas-interpret", "--masks", "causal", "--dtypes", "float32",
+                           "--sizes", "64", "--reps", "1", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    by_impl = {r["implementation"]: r["status"] for r in result["correctness"]}
+    assert by_impl["pallas_gpu"] == "ok" and by_impl["splash"] == "ok"
+    assert set(result["interpreted"]) == {"pallas_gpu", "splash"}
+    assert not any("pallas_gpu" in r["name"] or "splash" in r["name"] for r in result["timing"])
+    assert "timing skips pallas_gpu, splash" in capsys.readouterr().out

@@ -78,3 +78,50 @@ def test_auto_dispatch_lowers(platform):
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
                     "__gpu$xla.gpu.triton")])(*args)
         assert "triton" in exported.mlir_module()
+
+
+def _export_cuda(fn, args):
+    with attnjax.target_platform("cuda"):
+        exported = jax.export.export(
+            jax.jit(fn), platforms=("cuda",),
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("mods", ["document_blockmask_alibi", "t5_heads6"])
+def test_pallas_gpu_flex_lowers_to_triton_for_cuda(mods):
+    """A mask_mod gathering closed-over document ids (doc[b, q_idx]) with its block mask and an
+    ALiBi score_mod (slopes[h]); a T5 table (table[bucket, h]) with 6 heads (shapes that are not
+    powers of two): they lower into the Triton kernels, forward and gradient (also to the slopes
+    or the table): the gathers become ref loads, the table gradient per-program partial sums.
+    (Triton's compilation to PTX is NOT checked here.)"""
+    from attnjax import masks
+
+    b, n, kh, t = (B, N, K, T) if mods != "t5_heads6" else (3, 6, 3, S)
+
+    def fwd(q, k, v, param, doc):
+        if mods == "t5_heads6":
+            return attnjax.dot_product_attention(
+                q, k, v, implementation="pallas_gpu", is_causal=True,
+                score_mod=masks.t5_relative_bias(param, max_distance=64))
+        mask_mod = masks.and_masks(masks.causal, masks.document(doc))
+        block_mask = attnjax.create_block_mask(mask_mod, b, None, t, S, block_size=64)
+        return attnjax.dot_product_attention(
+            q, k, v, implementation="pallas_gpu", mask_mod=mask_mod, block_mask=block_mask,
+            score_mod=masks.alibi(param))
+
+    def fwd_and_grad(q, k, v, param, doc):
+        grads = jax.grad(lambda *a: jnp.sum(fwd(*a, doc).astype(jnp.float32) ** 2),
+                         argnums=(0, 1, 2, 3))(q, k, v, param)
+        return fwd(q, k, v, param, doc), grads
+
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
+            for s in ((b, t, n, H), (b, S, kh, H), (b, S, kh, H))]
+    param = (n,) if mods != "t5_heads6" else (24, n)
+    args += [jax.ShapeDtypeStruct(param, jnp.float32), jax.ShapeDtypeStruct((b, S), jnp.int32)]
+    text = _export_cuda(fwd_and_grad, args)
+    # Forward (twice: the primal and the VJP's), dK/dV and dQ kernels.
+    assert text.count("__gpu$xla.gpu.triton") >= 3
+    for name in ("attnjax_fwd", "attnjax_bwd_dkv", "attnjax_bwd_dq"):
+        assert name in text

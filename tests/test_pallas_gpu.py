@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -391,3 +392,223 @@ def test_interpreted_temp_memory_grows_linearly(grad):
     small, big = _temp_bytes(1024, grad), _temp_bytes(4096, grad)
     # 4x the length: linear growth is ~4x, a T x S score matrix would be 16x.
     assert big / small < 5.0, (small, big)
+
+
+# ------------------------------------------------------------------------------------------------
+# Flexible attention (mask_mod / score_mod / sinks / BlockMask), interpreted, against the dense
+# float64 reference of tests/test_flex.py (its cases: built-in masks from attnjax.masks, document
+# masks via closed-over ids, prefix-LM, ALiBi and T5 tables with gradients to the closed-over
+# arrays, sinks). Interpret mode compiles slowly: two cases by default, the rest under -m slow.
+
+from attnjax import masks  # noqa: E402
+from attnjax._src import flex  # noqa: E402
+from tests import test_flex as tf  # noqa: E402
+
+FLEX_DEFAULT = {("doc_causal", True), ("sinks_empty_rows", False)}
+# The other cases (~10 s each interpreted) run with `pytest --full-grid`.
+FULL = pytest.mark.full_grid
+FLEX_BLOCK = (16, 16)  # block-mask blocks = kernel blocks (chunk_size must agree)
+
+
+def _flex_library(case, block_mask: bool):
+    def fn(q, k, v, params, sinks):
+        mask_mod = None if case.mask is None else tf._mask(case.mask)
+        kw = dict(implementation="pallas_gpu", chunk_size=16)
+        if block_mask:
+            kw["block_mask"] = attnjax.create_block_mask(
+                mask_mod, tf.B, tf.N, tf.T, tf.S, block_size=FLEX_BLOCK, query_offset=case.offset)
+            kw["chunk_size"] = FLEX_BLOCK
+        return attnjax.dot_product_attention(
+            q, k, v, mask_mod=mask_mod, score_mod=tf._score(case.score, params), sinks=sinks,
+            query_offset=case.offset or None, return_residual=True, **kw)
+
+    return fn
+
+
+def _flex_grads(fn, data, argnums, interpret: bool = True):
+    loss = tf._loss(fn, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
+    args = [jnp.asarray(data[n]) for n in ("q", "k", "v")]
+    args += [jax.tree.map(jnp.asarray, data["params"]),
+             None if data["sinks"] is None else jnp.asarray(data["sinks"])]
+    grad = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
+    if not interpret:  # compiled Triton kernels, on a GPU
+        (_, (out, lse)), grads = jax.jit(grad)(*args)
+        return out, lse, grads
+    with attnjax.pallas_interpret():
+        (_, (out, lse)), grads = jax.jit(grad, compiler_options=_FAST_COMPILE)(*args)
+    return out, lse, grads
+
+
+def _flex_params():
+    for c in tf.CASES:
+        for bm in (False, True):
+            if bm and c.mask is None:
+                continue
+            marks = () if (c.name, bm) in FLEX_DEFAULT else (pytest.mark.slow, FULL)
+            yield pytest.param(c, bm, id=f"{c.name}{'-block_mask' if bm else ''}", marks=marks)
+
+
+@pytest.mark.parametrize(("case", "block_mask"), list(_flex_params()))
+def test_flex_matches_dense_float64_reference(case, block_mask, x64):
+    _check_flex(case, block_mask)
+
+
+@_ON_GPU
+@pytest.mark.parametrize(("case", "block_mask"), [
+    pytest.param(c, bm, id=f"{c.name}{'-block_mask' if bm else ''}")
+    for c in tf.CASES for bm in (False, True) if not (bm and c.mask is None)])
+def test_flex_on_gpu(case, block_mask, x64):
+    """The flexible-attention cases with the compiled Triton kernels (skipped without a GPU)."""
+    _check_flex(case, block_mask, interpret=False)
+
+
+def _check_flex(case, block_mask: bool, interpret: bool = True):
+    argnums = (0, 1, 2, 3) + ((4,) if case.sinks else ())
+    want = tf._grads(functools.partial(tf.reference, case=case, vis=tf.dense_visibility(case)),
+                     tf._inputs(case), argnums)
+    out, lse, grads = _flex_grads(_flex_library(case, block_mask),
+                                  tf._inputs(case, np.float32), argnums, interpret)
+    out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    np.testing.assert_allclose(out, np.asarray(want[0]), atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(np.asarray(want[1])))
+    fin = np.isfinite(np.asarray(want[1]))
+    np.testing.assert_allclose(lse[fin], np.asarray(want[1])[fin], atol=2e-5, rtol=2e-5)
+    names = jax.tree_util.tree_flatten_with_path(want[2])[0]
+    flat = jax.tree.leaves(grads)
+    assert len(flat) == len(names)
+    for (path, w), g in zip(names, flat, strict=True):
+        w, g = np.asarray(w), np.asarray(g, np.float64)
+        assert np.all(np.isfinite(g)), path
+        scale = max(1.0, float(np.abs(w).max()) / 10)
+        np.testing.assert_allclose(g, w, atol=5e-5 * scale, rtol=5e-5, err_msg=str(path))
+    if case.score in ("alibi", "t5"):
+        # the closed-over arrays really receive gradient
+        name = "slopes" if case.score == "alibi" else "table"
+        assert np.abs(np.asarray(grads[3][name])).max() > 0
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.slow
+@FULL
+def test_block_mask_classes_are_obeyed_like_xla_chunked():
+    """A hand-made block mask whose classes disagree with its mask_mod on purpose: EMPTY blocks
+    must be skipped (never read) and FULL blocks run without the mask_mod, exactly as in
+    ``xla_chunked`` (forward and gradients)."""
+    rng = np.random.default_rng(6)
+    T = S = 64
+    q = jnp.asarray(rng.standard_normal((1, T, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, S, 1, 16)), jnp.float32) for _ in range(2))
+    mod = lambda b, h, qi, ki: (qi + ki) % 3 != 0  # noqa: E731
+    cls = np.full((1, 1, 4, 4), flex.PARTIAL, np.int8)
+    cls[0, 0, 0, 2:] = flex.EMPTY
+    cls[0, 0, 3, :2] = flex.FULL
+    bm = flex.block_mask_from_classes(cls, (T, S), (16, 16), mod)
+
+    def run(impl, v):
+        f = lambda q, k, v: attnjax.dot_product_attention(  # noqa: E731
+            q, k, v, block_mask=bm, implementation=impl, chunk_size=16)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(jnp.cos(out))
+
+    v_nan = v.at[:, 32:].set(jnp.nan)  # what query block 0 would read if it visited key blocks 2-3
+    with attnjax.pallas_interpret():
+        out, grads = jax.jit(lambda v: run("pallas_gpu", v), compiler_options=_FAST_COMPILE)(v)
+        out_nan = jax.jit(lambda v: run("pallas_gpu", v)[0],
+                          compiler_options=_FAST_COMPILE)(v_nan)
+    want, want_grads = jax.jit(lambda v: run("xla_chunked", v))(v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-5, rtol=3e-5)
+    assert np.all(np.isfinite(np.asarray(out_nan)[:, :16]))
+
+
+@pytest.mark.parametrize("block,kernel,has_full", [
+    pytest.param((16, 8), (32, 32), True, marks=FULL),
+    ((37, 20), (16, 16), False),
+    pytest.param((8, 8), (64, 16), None, marks=FULL)])
+def test_kernel_block_table_regroups_block_mask_classes(block, kernel, has_full):
+    """The block mask's classes regrouped for other kernel blocks: a kernel block is empty
+    (full) exactly when every element it covers is (checked element by element)."""
+    T, S = 75, 90
+    qi, ki = np.arange(T)[:, None], np.arange(S)[None, :]
+    dense = (ki >= qi - 60) & (ki <= qi + 3)  # a sliding window, element by element
+    cq, ck = block
+    cls = np.array([[flex.EMPTY if not blk.any() else flex.FULL if blk.all() else flex.PARTIAL
+                     for blk in (dense[i:i + cq, j:j + ck] for j in range(0, S, ck))]
+                    for i in range(0, T, cq)], np.int32)
+    bq, bk = kernel
+    Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+    table = np.asarray(pallas_gpu._kernel_table(jnp.asarray(cls), block, bq, bk, Tp, Sp))
+    # Element classes of the block mask, expanded (PARTIAL where the block is partial).
+    elem = cls[np.minimum(np.arange(Tp) // cq, cls.shape[0] - 1)][
+        :, np.minimum(np.arange(Sp) // ck, cls.shape[1] - 1)]
+    real = (np.arange(Tp)[:, None] < T) & (np.arange(Sp)[None, :] < S)
+    for i in range(Tp // bq):
+        for j in range(Sp // bk):
+            e = elem[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk][real[i * bq:(i + 1) * bq,
+                                                                    j * bk:(j + 1) * bk]]
+            want = (flex.EMPTY if e.size == 0 or np.all(e == flex.EMPTY)
+                    else flex.FULL if np.all(e == flex.FULL) else flex.PARTIAL)
+            assert table[i, j] == want, (i, j)
+    assert (table == flex.EMPTY).any() and (table == flex.PARTIAL).any()
+    if has_full is not None:
+        assert (table == flex.FULL).any() == has_full
+
+
+def test_flex_registry_eligibility():
+    """pallas_gpu serves mods it can lower (point gathers from closed-over arrays); a mod that
+    gathers from a computed array is reported ineligible on CUDA with the reason (never a
+    lowering failure), and runs interpreted."""
+    q = jnp.zeros((1, 64, 4, 32), jnp.bfloat16)
+    k = v = jnp.zeros((1, 64, 2, 32), jnp.bfloat16)
+    slopes = jnp.ones(4)
+    doc = jnp.zeros((1, 64), jnp.int32)
+    bad = lambda s, b, h, qi, ki: s - (slopes * 2)[h] * (qi - ki)  # noqa: E731
+    with attnjax.target_platform("cuda"):
+        good = attnjax.explain_dispatch(q, k, v, score_mod=masks.alibi(slopes),
+                                        mask_mod=masks.document(doc))
+        assert good.chosen == "pallas_gpu"
+        report = attnjax.explain_dispatch(q, k, v, score_mod=bad)
+        assert report.chosen != "pallas_gpu"
+        with pytest.raises(ValueError, match="cannot run inside the Triton kernel"):
+            attnjax.dot_product_attention(q, k, v, score_mod=bad, implementation="pallas_gpu")
+    with attnjax.pallas_interpret():
+        assert attnjax.explain_dispatch(q, k, v, score_mod=bad,
+                                        implementation="pallas_gpu").chosen == "pallas_gpu"
+
+
+@pytest.mark.slow
+@FULL
+def test_flex_bfloat16_matches_float32_xla():
+    """bfloat16 inputs with a mask_mod, an ALiBi score_mod (slope gradients) and sinks, against
+    ``"xla"`` on the same values in float32 (bf16 tolerances)."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 40, 4, 16)), jnp.bfloat16)
+    k = v = jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.bfloat16)
+    slopes = jnp.asarray([0.5, 0.25, 0.1, 0.05], jnp.float32)
+
+    def f(impl, dtype, q, s):
+        return attnjax.dot_product_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), mask_mod=masks.causal,
+            score_mod=masks.alibi(s), sinks=jnp.zeros(4), implementation=impl,
+            chunk_size=16 if impl == "pallas_gpu" else None).astype(jnp.float32)
+
+    def both(impl, dtype):
+        out = f(impl, dtype, q, slopes)
+        ds = jax.grad(lambda s: jnp.sum(f(impl, dtype, q, s)))(slopes)
+        return out, ds
+
+    with attnjax.pallas_interpret():
+        out, ds = jax.jit(lambda: both("pallas_gpu", jnp.bfloat16),
+                          compiler_options=_FAST_COMPILE)()
+    want, ds_ref = jax.jit(lambda: both("xla", jnp.float32))()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(ds), np.asarray(ds_ref), atol=0.1, rtol=0.05)

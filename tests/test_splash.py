@@ -39,7 +39,8 @@ CASES = [
 DEFAULT = {
     ("causal_offset_gqa_kv_lengths_empty", "float32"),
     ("window_segments_q_lengths", "bfloat16"),
-    ("softcap_mqa_scale", "float32"),
+    # ("softcap_mqa_scale", "float32"): by default under attnjax.pallas_interpret() instead
+    # (test_attnjax_pallas_interpret_switches_splash).
 }
 
 
@@ -114,8 +115,19 @@ def test_splash_refuses_what_it_cannot_express(kw, reason):
 
 def test_splash_outside_interpret_mode_on_cpu_raises():
     q = k = v = jnp.zeros((1, 128, 1, 64), jnp.float32)
-    with pytest.raises(ValueError, match="force_tpu_interpret_mode"):
+    with pytest.raises(ValueError, match=r"attnjax\.pallas_interpret\(\)"):
         attnjax.dot_product_attention(q, k, v, implementation="splash")
+    with attnjax.pallas_interpret(), attnjax.pallas_interpret(False), pytest.raises(
+            ValueError, match="force_tpu_interpret_mode"):
+        attnjax.dot_product_attention(q, k, v, implementation="splash")
+
+
+def test_attnjax_pallas_interpret_switches_splash():
+    """``attnjax.pallas_interpret()`` alone (no jax TPU context) interprets splash, forward and
+    backward (the backward kernels are traced after the forward's context has closed)."""
+    case = next(c for c in CASES if c.name == "softcap_mqa_scale")
+    with attnjax.pallas_interpret():
+        ta._check(case, "splash", jnp.float32)
 
 
 def test_float16_is_not_claimed():

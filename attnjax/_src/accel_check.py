@@ -13,6 +13,12 @@
 4. ``--chunk-sweep``: ``xla_chunked`` forward+backward over chunk sizes, to choose that
    platform's default from a measurement.
 
+attnjax's own Pallas kernel (``pallas_gpu``) is checked and timed on an NVIDIA/AMD GPU beside
+cuDNN (``jax.nn``'s and attnjax's) and the XLA paths, plus a flexible-attention row
+(``mask_mod`` causal + ALiBi ``score_mod``: ``pallas_gpu`` against ``xla_chunked``). On CPU it
+cannot be timed: it is skipped (and the report says so), or with ``--pallas-interpret`` its
+correctness is checked in Pallas interpret mode (with splash's), never its speed.
+
 Writes everything to a JSON file (``--json``) and exits with status 1 on any mismatch.
 """
 
@@ -31,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax._src import registry
+from attnjax._src import pallas_config, registry
 from attnjax._src.attention import dot_product_attention
 
 TOLERANCES = {"float32": (2e-5, 5e-5), "float16": (3e-3, 6e-3), "bfloat16": (2.5e-2, 5e-2)}
@@ -301,6 +307,39 @@ def timing(sizes, B, N, H, dtype, impls, reps, jax_nn_paths, causals=(False, Tru
     return rows
 
 
+def flex_timing(sizes, B, N, H, dtype, reps) -> list[dict]:
+    """Flexible attention (``mask_mod`` causal + ALiBi ``score_mod`` with slope gradients):
+    ``pallas_gpu`` beside ``xla_chunked``, forward and forward+backward."""
+    from attnjax import masks  # noqa: PLC0415
+
+    rows = []
+    rng = np.random.default_rng(3)
+    slopes = masks.alibi_slopes(N)
+    for T in sizes:
+        q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(3))
+        flops_fwd = 4.0 * B * N * T * T * H * 0.5
+        for impl in ("pallas_gpu", "xla_chunked"):
+            def f(q, k, v, s, impl=impl):
+                return dot_product_attention(q, k, v, mask_mod=masks.causal,
+                                             score_mod=masks.alibi(s), implementation=impl)
+
+            loss = lambda q, k, v, s, f=f: jnp.sum(f(q, k, v, s).astype(jnp.float32))
+            for mode, fn, flops in (
+                ("fwd", jax.jit(f), flops_fwd),
+                ("fwd+bwd", jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), 3.5 * flops_fwd),
+            ):
+                row = dict(name=f"attnjax:{impl}[mask_mod+alibi]", T=T, S=T, causal=True,
+                           mode=mode, B=B, N=N, H=H, dtype=jnp.dtype(dtype).name)
+                try:
+                    sec = _time(fn, (q, k, v, slopes), reps)
+                    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported
+                    row.update(ms=None, tflops=None, error=f"{type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+                rows.append(row)
+    return rows
+
+
 def chunk_sweep(T, B, N, H, dtype, chunks, reps) -> list[dict]:
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(3))
@@ -342,6 +381,9 @@ def main(argv=None) -> int:
                         "chunk sizes 128..2048")
     p.add_argument("--tpu-interpret", action="store_true",
                    help="on CPU: also check splash in Pallas TPU interpret mode (slow)")
+    p.add_argument("--pallas-interpret", action="store_true",
+                   help="on CPU: also check the Pallas kernels (pallas_gpu, splash) in Pallas "
+                        "interpret mode (attnjax.pallas_interpret(); slow; correctness only)")
     p.add_argument("--sizes", type=int, nargs="*", help="timing lengths T=S")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--masks", nargs="*", choices=MASKS, help="mask kinds to check (default all)")
@@ -350,11 +392,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="accel_check.json", help="where to write the results")
     args = p.parse_args(argv)
 
-    ctx = contextlib.nullcontext()
+    ctx = contextlib.ExitStack()
     if args.tpu_interpret:
         from jax.experimental.pallas import tpu as pltpu
 
-        ctx = pltpu.force_tpu_interpret_mode()
+        ctx.enter_context(pltpu.force_tpu_interpret_mode())
     with ctx:
         info = device_info()
         plat = info["platform"]
@@ -362,6 +404,19 @@ def main(argv=None) -> int:
         impls = [n for n in registry.names()
                  if registry.implementations()[n].platform_reason(
                      _platform_features(plat, info["tpu_interpret"])) is None]
+        interpreted = []
+        if args.pallas_interpret and plat == "cpu":
+            # Correctness only: interpreted kernels say nothing about speed.
+            interpreted = [n for n in ("pallas_gpu", "splash")
+                           if n in registry.names() and n not in impls]
+            ctx.enter_context(pallas_config.pallas_interpret())
+            impls += interpreted
+        skipped = {}
+        if plat not in ("cuda", "rocm") and "pallas_gpu" not in impls:
+            skipped["pallas_gpu"] = ("needs an NVIDIA/AMD GPU; on CPU --pallas-interpret checks "
+                                     "its correctness in Pallas interpret mode (never its speed)")
+        for n, why in skipped.items():
+            print(f"{n}: skipped ({why})")
         dtypes = [jnp.float32, jnp.bfloat16] + ([jnp.float16] if plat in ("cuda", "rocm") else [])
         if args.dtypes:
             dtypes = [jnp.dtype(d) for d in args.dtypes]
@@ -370,7 +425,8 @@ def main(argv=None) -> int:
         print(_print_table([dataclasses.asdict(r) for r in rows],
                            ["implementation", "mask", "dtype", "status", "detail"]))
         bad = [r for r in rows if r.status in ("MISMATCH", "ERROR")]
-        result = dict(device=info, correctness=[dataclasses.asdict(r) for r in rows])
+        result = dict(device=info, correctness=[dataclasses.asdict(r) for r in rows],
+                      skipped=skipped, interpreted=interpreted)
 
         quick = args.quick or plat == "cpu"
         if not args.no_timing:
@@ -379,7 +435,12 @@ def main(argv=None) -> int:
             else:
                 sizes, B, N, H, dtype = args.sizes or [2048, 8192, 32768], 4, 16, 128, jnp.bfloat16
             paths = ["xla"] + (["cudnn"] if plat == "cuda" else [])
-            t_rows = timing(sizes, B, N, H, dtype, impls, args.reps, paths)
+            timed = [n for n in impls if n not in interpreted]
+            if interpreted:
+                print(f"\ntiming skips {', '.join(interpreted)} (interpreted: no speed to measure)")
+            t_rows = timing(sizes, B, N, H, dtype, timed, args.reps, paths)
+            if "pallas_gpu" in timed:
+                t_rows += flex_timing(sizes, B, N, H, dtype, args.reps)
             print(f"\ntiming (B={B} N={N} H={H} {jnp.dtype(dtype).name}, median of {args.reps}):")
             print(_print_table(t_rows, ["name", "T", "causal", "mode", "ms", "tflops", "error"]))
             result["timing"] = t_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Sequence
@@ -223,14 +224,17 @@ def dot_product_attention(
         operations; attnjax calls it on broadcast int32 index arrays of a whole block. ``h`` is
         the query head, ``kv_idx`` the key position and ``q_idx = i + query_offset`` the query's
         position among the keys. It may index arrays it closes over
-        (``doc[b, q_idx] == doc[b, kv_idx]``). ANDed with every other mask.
+        (``doc[b, q_idx] == doc[b, kv_idx]``). ANDed with every other mask. On a GPU,
+        ``"pallas_gpu"`` traces it into its Triton kernels when it lowers there (indexing
+        closed-over arrays directly does; see :func:`attnjax.explain_dispatch`).
       score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on the scaled logits
         after the soft cap and before bias and masks (compute dtype, same shape). Gradients
         flow to every array it closes over (an ALiBi slope, a bias table), in every
         implementation.
       block_mask: an :class:`attnjax.BlockMask` from :func:`attnjax.create_block_mask`, built
-        for this call's ``(B|1, N|1, T, S)``: ``"xla_chunked"`` then visits only non-empty
-        blocks and skips the mask on full ones; its block size sets the chunk size. Its
+        for this call's ``(B|1, N|1, T, S)``: ``"xla_chunked"`` and ``"pallas_gpu"`` then
+        visit only non-empty blocks and skip the mask on full ones; its block size sets the
+        chunk size (``"pallas_gpu"`` regroups it for its own block sizes). Its
         ``mask_mod`` applies when ``mask_mod`` is not given (if given, it must be the same
         callable).
       sinks: float ``(N,)`` learnable per-head sink logits: the softmax denominator of head
@@ -428,6 +432,13 @@ def dot_product_attention(
         pallas_interpret=pallas_config.interpret_enabled(),
         flex=mask_mod is not None or score_mod is not None or block_mask is not None,
     )
+    if (features.platform in ("cuda", "rocm") and not features.pallas_interpret
+            and (mask_mod is not None or score_mod is not None)):
+        # Whether the mods lower to Triton (decided here, so that dispatch can say why not).
+        from attnjax._src import pallas_gpu  # noqa: PLC0415 (Pallas is imported lazily)
+
+        features = dataclasses.replace(
+            features, flex_gpu_reason=pallas_gpu.mods_lowering_reason(mask_mod, score_mod))
     capture = getattr(_explain_state, "capture", None)
     if capture is not None:
         capture.append(features)

@@ -14,12 +14,15 @@ from attnjax._src.registry import Call, CallFeatures, Implementation
 
 class PallasGPU(Implementation):
     name = "pallas_gpu"
+    supports_flex = True
     platforms = ("cuda", "rocm")
     dtypes = ("float32", "float16", "bfloat16")
     serves = ("every mask kind in the kernel (causal, window, per-row query_offset, lengths, "
               "segment ids with block skipping, dense mask), bias and its gradient, soft cap (a "
-              "Python float), dropout, GQA/MQA, Hv != H, head dims up to 256; not: float64, a "
-              "traced soft cap")
+              "Python float), dropout, GQA/MQA, Hv != H, head dims up to 256, mask_mod/score_mod "
+              "traced into the kernel (gradients to the score_mod's arrays), block masks, sinks; "
+              "not: float64, a traced soft cap, a mod that gathers from a computed array (does "
+              "not lower to Triton)")
 
     def platform_reason(self, f: CallFeatures):
         if f.platform in self.platforms or f.pallas_interpret:
@@ -36,6 +39,8 @@ class PallasGPU(Implementation):
                     f"Hv={f.value_head_dim}")
         if f.soft_cap_traced:
             return "a traced logits_soft_cap (the kernel's soft cap is a static float)"
+        if f.flex_gpu_reason is not None and not f.pallas_interpret:
+            return f.flex_gpu_reason
         return None
 
     def __call__(self, call: Call):

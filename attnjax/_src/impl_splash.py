@@ -31,12 +31,14 @@ traced ``query_offset``, an explicit ``precision``, float16/float64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax._src import pallas_config
 from attnjax._src.registry import Call, CallFeatures, Implementation
 
 try:
@@ -75,9 +77,9 @@ class Splash(Implementation):
               "per-row/traced query_offset, precision")
 
     def platform_reason(self, f: CallFeatures):
-        if f.platform == "tpu" or f.tpu_interpret:
+        if f.platform == "tpu" or f.tpu_interpret or f.pallas_interpret:
             return None
-        return (f"runs on tpu (or interpreted on CPU inside "
+        return (f"runs on tpu (or interpreted on CPU inside attnjax.pallas_interpret() or "
                 f"jax.experimental.pallas.tpu.force_tpu_interpret_mode()), this call is on "
                 f"{f.platform}")
 
@@ -116,7 +118,10 @@ class Splash(Implementation):
         kh = jnp.transpose(pad(k, Sp, 1), (0, 2, 1, 3))  # (B, K, Sp, H)
         vh = jnp.transpose(pad(v, Sp, 1), (0, 2, 1, 3))  # (B, K, Sp, Hv)
         qs, ks = _segments(call, T, S, Tp, Sp)
-        key = (Tp, Sp, f.is_causal, f.window, f.static_offset, _soft_cap(call.logits_soft_cap))
+        # Inside attnjax.pallas_interpret(): Pallas TPU interpret mode for every kernel call
+        # (forward and backward), read now, at trace time.
+        key = (Tp, Sp, f.is_causal, f.window, f.static_offset, _soft_cap(call.logits_soft_cap),
+               pallas_config.interpret_enabled())
         per_row = f.segments or f.q_lengths or f.kv_lengths
         if not per_row or B == 1:
             # One kernel for the whole batch: batch rows become heads (head b·N + n reads kv head
@@ -210,15 +215,26 @@ def _collapse(info):
     return info._replace(partial_mask_blocks=blocks.reshape(-1, *blocks.shape[-2:]))
 
 
+def _interpreting(interpret: bool):
+    """Pallas TPU interpret mode around kernel calls (``attnjax.pallas_interpret()``)."""
+    if not interpret:
+        return contextlib.nullcontext()
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415 (lazy, like _sk)
+
+    return pltpu.force_tpu_interpret_mode()
+
+
 @functools.lru_cache(maxsize=64)
-def _core(N, K, Tp, Sp, is_causal, window, offset, soft_cap, segmented):
+def _core(N, K, Tp, Sp, is_causal, window, offset, soft_cap, interpret, segmented):
     """A per-batch-row ``(q (N,Tp,H), k, v[, qs (Tp,), ks (Sp,)]) -> (out, lse (N,Tp) f32)``
-    with a custom VJP that runs splash's backward kernels (and differentiates the lse)."""
+    with a custom VJP that runs splash's backward kernels (and differentiates the lse);
+    ``interpret``: every kernel call in Pallas TPU interpret mode."""
     kernel = _kernels(N, K, Tp, Sp, is_causal, window, offset, soft_cap)
 
     def forward(q, k, v, *seg):
         segment_ids = _sk.SegmentIds(q=seg[0], kv=seg[1]) if segmented else None
-        out, (lse,) = kernel(q, k, v, segment_ids=segment_ids)
+        with _interpreting(interpret):
+            out, (lse,) = kernel(q, k, v, segment_ids=segment_ids)
         return out, lse
 
     @jax.custom_vjp
@@ -246,17 +262,18 @@ def _core(N, K, Tp, Sp, is_causal, window, offset, soft_cap, segmented):
             k_layout=sizes.k_layout, v_layout=sizes.v_layout,
             mask_function=kw["mask_function"], interpret=kw["interpret"],
         )
-        dq, dk, dv = _BWD_DKV(
-            q, k, v, segment_ids, None, lse, do, di, bq=sizes.block_q_dkv,
-            bkv=sizes.block_kv_dkv, bkv_compute=sizes.block_kv_dkv_compute,
-            mask_info=_collapse(kernel.dkv_mask_info),
-            use_fused_bwd_kernel=sizes.use_fused_bwd_kernel, **common,
-        )
-        if dq is None:
-            dq = _BWD_DQ(
-                q, k, v, segment_ids, None, lse, do, di, bq=sizes.block_q_dq,
-                bkv=sizes.block_kv_dq, mask_info=_collapse(kernel.dq_mask_info), **common,
+        with _interpreting(interpret):
+            dq, dk, dv = _BWD_DKV(
+                q, k, v, segment_ids, None, lse, do, di, bq=sizes.block_q_dkv,
+                bkv=sizes.block_kv_dkv, bkv_compute=sizes.block_kv_dkv_compute,
+                mask_info=_collapse(kernel.dkv_mask_info),
+                use_fused_bwd_kernel=sizes.use_fused_bwd_kernel, **common,
             )
+            if dq is None:
+                dq = _BWD_DQ(
+                    q, k, v, segment_ids, None, lse, do, di, bq=sizes.block_q_dq,
+                    bkv=sizes.block_kv_dq, mask_info=_collapse(kernel.dq_mask_info), **common,
+                )
         seg_ct = tuple(np.zeros(s.shape, jax.dtypes.float0) for s in seg)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *seg_ct)
 

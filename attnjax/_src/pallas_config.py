@@ -1,9 +1,10 @@
 """Where attnjax's Pallas kernels run: compiled for their accelerator, or interpreted on CPU.
 
 :func:`pallas_interpret` turns on Pallas interpret mode for every Pallas implementation of
-attnjax (``"pallas_gpu"``, and any later Pallas kernel such as a TPU splash kernel): the kernel
-bodies are then evaluated by JAX's Pallas interpreter as ordinary XLA operations, so they run
-(slowly) on CPU with exactly the kernel's semantics. This is how the kernels are tested on
+attnjax (``"pallas_gpu"``: Pallas's interpreter; ``"splash"``: Pallas TPU interpret mode,
+``jax.experimental.pallas.tpu.force_tpu_interpret_mode`` around its forward and backward kernel
+calls): the kernel bodies are then evaluated as ordinary XLA operations, so they run (slowly) on
+CPU with exactly the kernel's semantics. This is how the kernels are tested on
 machines without an accelerator. Outside the context manager a Pallas implementation asked to run
 on a backend it cannot compile for raises a ``ValueError`` that says why.
 

@@ -59,7 +59,10 @@ class CallFeatures:
       dropout: ``dropout_rate > 0``.
       return_residual: the log-sum-exp is returned (and may be differentiated).
       precision: an explicit matmul ``precision`` was given.
-      pallas_interpret: inside :func:`attnjax.pallas_interpret` (Pallas GPU kernels interpreted).
+      pallas_interpret: inside :func:`attnjax.pallas_interpret` (Pallas kernels interpreted).
+      flex: a ``mask_mod``, ``score_mod`` or ``block_mask`` was given.
+      flex_gpu_reason: on CUDA/ROCm (not interpreted), why the mods cannot run inside a Triton
+        kernel (``None``: they can, or not asked).
     """
 
     platform: str
@@ -89,6 +92,7 @@ class CallFeatures:
     precision: bool = False
     pallas_interpret: bool = False
     flex: bool = False  # a mask_mod, score_mod or block_mask (callables): see supports_flex
+    flex_gpu_reason: str | None = None
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
