@@ -23,7 +23,7 @@ def test_notebooks_found():
     assert NOTEBOOKS, f"no notebooks under {ROOT / 'notebooks'}"
 
 
-@pytest.mark.slow
+# Not marked slow: the notebooks are what users open first, so every default run executes them.
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     # The kernel inherits this environment: quick mode, CPU only, and this checkout's attnjax
