@@ -186,6 +186,23 @@ def _visible(pos, valid, qpos, window_left):
 FLAT_MAX_COLUMNS = 16
 
 
+# Steps with at most this many query columns per kv head (G·T: one token of grouped-query
+# attention) read each chunk with fused multiply-and-sum loops instead of matrix products: the
+# chunk is read straight from the cache by the loop (no copy of the slice) and no product is
+# wasted on the off-diagonal heads.
+REDUCE_MAX_COLUMNS = 1
+
+
+def _sum(x, axis):
+    """``x.sum(axis)``, as a reduction XLA:CPU fuses with its producers (the cache slice).
+
+    The reducer ``a - (-b)`` is ``a + b`` exactly; it keeps XLA:CPU from handing the reduction
+    to its YNNPACK fusion (which takes plain ``add`` reductions in float32, and there ran
+    several times slower and without the slice fused in).
+    """
+    return lax.reduce(x, jnp.zeros((), x.dtype), lambda a, b: a - (-b), (axis % x.ndim,))
+
+
 def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
                   logits_soft_cap, precision, hook=None):
     """Attention of ``q (B, T, N, H)`` (scaled, in the compute dtype) over the cached positions
@@ -214,7 +231,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
     Y = N * T
     cdt = q.dtype
     C = min(chunk, L)
-    flat = K == 1 or Y <= FLAT_MAX_COLUMNS
+    mode = ("reduce" if G * T <= REDUCE_MAX_COLUMNS
+            else "flat" if K == 1 or Y <= FLAT_MAX_COLUMNS else "heads")
+    flat = mode == "flat"
     filled = jnp.minimum(P, L)  # slots holding a position < P (in order, for a plain cache)
     hi = (jnp.max(filled) + C - 1) // C
     lo = jnp.int32(0)
@@ -233,6 +252,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         diag = jnp.eye(K, dtype=bool)[None, :, None, :, None, None]
         qx = jnp.where(diag, qt[:, None], jnp.zeros((), cdt)).reshape(B, K * H, Y)
         Z = K * Hv
+    elif mode == "reduce":
+        qx = jnp.transpose(qg, (0, 2, 3, 1, 4)).reshape(B, 1, K, G * T, H)
+        Z = Hv
     else:
         qx = qg
         Z = Hv
@@ -256,6 +278,8 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         if flat:
             s = jnp.einsum("bcx,bxy->bcy", kb, qx, preferred_element_type=cdt,
                            precision=precision)
+        elif mode == "reduce":
+            s = _sum(kb.reshape(B, C, K, 1, H) * qx, 4).reshape(B, C, Y)
         else:
             s = jnp.einsum("btkgh,bckh->bckgt", qx, kb.reshape(B, C, K, H),
                            preferred_element_type=cdt, precision=precision).reshape(B, C, Y)
@@ -289,6 +313,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         if flat:
             pv = jnp.einsum("bcy,bcz->byz", p, vb, preferred_element_type=cdt,
                             precision=precision)
+        elif mode == "reduce":
+            pv = _sum(p.reshape(B, C, K, G * T, 1) * vb.reshape(B, C, K, 1, Hv), 1)
+            pv = pv.reshape(B, Y, Hv)
         else:
             pv = jnp.einsum("bckz,bckh->bkzh", p.reshape(B, C, K, G * T),
                             vb.reshape(B, C, K, Hv), preferred_element_type=cdt,
