@@ -17,8 +17,8 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 
 Temporary memory of a step is O(B·C·K·(H + Hv)) for a chunk of keys and values (``C`` = key
 chunk size, about 4 MiB by default), O(B·N·T·C) for its scores, plus O(B·T·N·K·Hv), independent
-of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens over
-all rows, B·T ≤ 8: see ``_write`` for XLA:CPU's whole-cache float32 conversions).
+of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens,
+T ≤ 8: see ``_write`` for XLA:CPU's whole-cache float32 conversions).
 
 Computation is in ``max(float32, input dtype)`` (float64 inputs stay float64); index arithmetic
 is int32, also under ``jax_enable_x64``.
@@ -346,32 +346,25 @@ def _write(buf, new, idx):
     """``buf (B, L, K, H)`` with ``new (B, T, K, H)`` written at slots ``idx (B, T)`` (``L``:
     dropped), in place when ``buf`` is donated.
 
-    One scatter for float32/float64 buffers. XLA:CPU has no bfloat16/float16 scatter: it
-    converts the whole cache to float32, scatters and converts back (temp memory O(L)). For at
-    most ``_NARROW_TOKEN_WRITES`` tokens a narrower buffer is instead written token by token
-    with ``dynamic_update_slice`` (dropped tokens skipped with ``lax.cond``): no temp memory,
-    but XLA:CPU still rewrites the whole buffer once per token (its bf16 update-slice is
-    converted too); measured about as fast as the scatter at 8 tokens, so beyond that the
-    scatter is used.
+    One scatter for float32/float64 buffers. XLA:CPU has no bfloat16/float16 scatter or
+    update-slice: it converts the whole cache to float32 and back around them (a scatter also
+    holds a float32 copy of the cache, temp memory O(L); each update-slice rewrites the whole
+    buffer). For steps of at most ``_NARROW_TOKEN_WRITES`` tokens a narrower buffer is instead
+    rewritten once, elementwise (one select per token, fused into a single pass over the cache
+    that XLA performs in place): one read and one write of the cache whatever ``B``, no temp
+    memory. Longer steps (prefill) use the scatter.
     """
     B, T = idx.shape
     L = buf.shape[1]
     new = new.astype(buf.dtype)
-    if jnp.dtype(buf.dtype).itemsize >= 4 or B * T > _NARROW_TOKEN_WRITES:
+    if jnp.dtype(buf.dtype).itemsize >= 4 or T > _NARROW_TOKEN_WRITES:
         rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
         return buf.at[rows, idx].set(new, mode="drop")
-
-    def body(i, buf):
-        b, t = i // T, i % T
-        slot = idx[b, t]
-        tok = lax.dynamic_slice(new, (b, t, 0, 0), (1, 1) + new.shape[2:])
-        zero = jnp.zeros((), jnp.int32)
-        return lax.cond(
-            slot < L,
-            lambda buf: lax.dynamic_update_slice(buf, tok, (b, slot, zero, zero)),
-            lambda buf: buf, buf)
-
-    return lax.fori_loop(jnp.int32(0), jnp.int32(B * T), body, buf)
+    slots = lax.broadcasted_iota(jnp.int32, (1, L, 1, 1), 1)
+    for t in range(T):  # later tokens last: of two tokens for one slot (a ring), the newest wins
+        hit = slots == idx[:, t, None, None, None]
+        buf = jnp.where(hit, new[:, t:t + 1], buf)
+    return buf
 
 
 def _finish(carry):
