@@ -268,7 +268,7 @@ def _unfused_instructions(hlo: str) -> str:
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_cache_step_is_flat_and_in_place(dtype):
-    """A bfloat16/float16 cache, steps of B·T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
+    """A bfloat16/float16 cache, steps of T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
     has no bf16 scatter or dynamic-slice and used to convert the cache to float32 and back every
     step), no copy of the cache, temp memory independent of the cache length."""
     temps = {}

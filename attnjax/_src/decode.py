@@ -6,7 +6,8 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 
 * the attention of the ``T`` queries over the *cached* keys (positions ``< P[b]``), read in
   chunks of the cache in its own BSKH layout (no transpose of the cache), each chunk with one
-  matrix product over all heads for the keys and one for the values, merged into a running
+  matrix product over all heads for the keys and one for the values (or, for one token
+  per kv head, fused multiply-and-sum loops), merged into a running
   log-sum-exp (split-K). Only chunks that hold a visible key are read (the loop's trip count is
   dynamic), so a step over a cache that is 10% full reads 10% of it;
 * the causal attention of the ``T`` queries over the ``T`` *new* keys, with the core
@@ -216,6 +217,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
     contiguous ``(C, K·H)`` block per batch row); the loop runs only over chunks that can hold a
     visible position (dynamic trip count). Per chunk, with ``Y = N·T`` query columns:
 
+    * ``reduce`` (``G·T <= REDUCE_MAX_COLUMNS``, i.e. one token with one query head per kv
+      head): logits and the value sum as fused multiply-and-sum loops (``_sum``), which XLA:CPU
+      runs on the cache slice in place (no copy of the chunk, no wasted products).
     * ``flat`` (``Y <= FLAT_MAX_COLUMNS`` or ``K = 1``): one product ``(C, K·H) @ (K·H, Y)`` over
       all heads, the queries placed block-diagonally (query column ``(k, g, t)`` is zero outside
       kv head ``k``'s rows), and one ``(Y, C) @ (C, K·Hv)`` for the values, whose off-diagonal
