@@ -185,13 +185,16 @@ def test_step_memory_is_flat_and_cache_updated_in_place(window):
         assert temps[(16384, 16)] <= temps[(4096, 16)] * 1.1 + 65536
 
 
-@pytest.mark.parametrize("flat_max", [0, 10**6])
-def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max):
-    """Both ways of reading a chunk (one block-diagonal product over all heads, or one product
-    per kv head) against the reference: plain cache with a window and a soft-cap, ragged rows,
-    multi-token steps, and a ring buffer."""
+@pytest.mark.parametrize("flat_max,reduce_max", [(0, 0), (10**6, 0), (0, 10**6)],
+                         ids=["per_head", "flat", "reduce"])
+def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max, reduce_max):
+    """The three ways of reading a chunk (one block-diagonal product over all heads, one product
+    per kv head, or fused multiply-and-sum loops, forced here for every step) against the
+    reference: plain cache with a window and a soft-cap, ragged rows, multi-token steps, and a
+    ring buffer."""
     from attnjax._src import decode
     monkeypatch.setattr(decode, "FLAT_MAX_COLUMNS", flat_max)
+    monkeypatch.setattr(decode, "REDUCE_MAX_COLUMNS", reduce_max)
     q, k, v = _histories(5)
     schedule = [(5, [5, 2, 4]), (1, [1, 1, 1]), (3, [3, 0, 2]), (1, [1, 1, 1])]
     step = _stepper(chunk_size=3, local_window_size=(4, 0), logits_soft_cap=3.0)
@@ -223,9 +226,13 @@ def test_multi_query_cache_single_kv_head():
     np.testing.assert_allclose(got, ref, atol=3e-5, rtol=3e-5)
 
 
-def test_x64_float64_computes_in_float64_and_float32_with_int32_indices():
+@pytest.mark.parametrize("reduce_max", [1, 10**6], ids=["default", "reduce"])
+def test_x64_float64_computes_in_float64_and_float32_with_int32_indices(monkeypatch, reduce_max):
     """Under jax_enable_x64: float64 inputs are computed in float64 (agreement far beyond
-    float32), float32 inputs stay float32, and the cache lengths stay int32."""
+    float32), float32 inputs stay float32, and the cache lengths stay int32 (also with every
+    step read by the fused multiply-and-sum loops)."""
+    from attnjax._src import decode
+    monkeypatch.setattr(decode, "REDUCE_MAX_COLUMNS", reduce_max)
     with jax.enable_x64(True):
         q, k, v = (np.asarray(x, np.float64) for x in _histories(7))
         for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 3e-5)):
@@ -261,7 +268,7 @@ def _unfused_instructions(hlo: str) -> str:
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_cache_step_is_flat_and_in_place(dtype):
-    """A bfloat16/float16 cache, steps of B·T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
+    """A bfloat16/float16 cache, steps of T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
     has no bf16 scatter or dynamic-slice and used to convert the cache to float32 and back every
     step), no copy of the cache, temp memory independent of the cache length."""
     temps = {}

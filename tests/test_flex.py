@@ -449,10 +449,14 @@ def test_ring_attention_mods_match_single_device():
     assert sm["dslopes"] > 1 and sm["diffs"][0] < 1e-4 and sm["diffs"][1] <= 1e-5 * sm["dslopes"], sm
 
 
+@pytest.mark.parametrize("reduce_max", [1, 10**6], ids=["default", "reduce"])
 @pytest.mark.parametrize("window", [None, 8], ids=["plain_cache", "ring_buffer"])
-def test_cached_attention_honours_mods(window):
+def test_cached_attention_honours_mods(window, reduce_max, monkeypatch):
     """Prefill, single-token and multi-token steps with mask_mod/score_mod/sinks equal full
-    causal attention over the whole history with the same mods."""
+    causal attention over the whole history with the same mods (also with every cache read by
+    decode's fused multiply-and-sum loops)."""
+    from attnjax._src import decode
+    monkeypatch.setattr(decode, "REDUCE_MAX_COLUMNS", reduce_max)
     rng = np.random.default_rng(0)
     Bc, L, Nc, Kc, Hc = 2, 24, 4, 2, 8
     q = jnp.asarray(rng.standard_normal((Bc, L, Nc, Hc)), jnp.float32)

@@ -6,7 +6,8 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 
 * the attention of the ``T`` queries over the *cached* keys (positions ``< P[b]``), read in
   chunks of the cache in its own BSKH layout (no transpose of the cache), each chunk with one
-  matrix product over all heads for the keys and one for the values, merged into a running
+  matrix product over all heads for the keys and one for the values (or, for one token
+  per kv head, fused multiply-and-sum loops), merged into a running
   log-sum-exp (split-K). Only chunks that hold a visible key are read (the loop's trip count is
   dynamic), so a step over a cache that is 10% full reads 10% of it;
 * the causal attention of the ``T`` queries over the ``T`` *new* keys, with the core
@@ -17,8 +18,8 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 
 Temporary memory of a step is O(B·C·K·(H + Hv)) for a chunk of keys and values (``C`` = key
 chunk size, about 4 MiB by default), O(B·N·T·C) for its scores, plus O(B·T·N·K·Hv), independent
-of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens over
-all rows, B·T ≤ 8: see ``_write`` for XLA:CPU's whole-cache float32 conversions).
+of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens,
+T ≤ 8: see ``_write`` for XLA:CPU's whole-cache float32 conversions).
 
 Computation is in ``max(float32, input dtype)`` (float64 inputs stay float64); index arithmetic
 is int32, also under ``jax_enable_x64``.
@@ -186,6 +187,23 @@ def _visible(pos, valid, qpos, window_left):
 FLAT_MAX_COLUMNS = 16
 
 
+# Steps with at most this many query columns per kv head (G·T: one token of grouped-query
+# attention) read each chunk with fused multiply-and-sum loops instead of matrix products: the
+# chunk is read straight from the cache by the loop (no copy of the slice) and no product is
+# wasted on the off-diagonal heads.
+REDUCE_MAX_COLUMNS = 1
+
+
+def _sum(x, axis):
+    """``x.sum(axis)``, as a reduction XLA:CPU fuses with its producers (the cache slice).
+
+    The reducer ``a - (-b)`` is ``a + b`` exactly; it keeps XLA:CPU from handing the reduction
+    to its YNNPACK fusion (which takes plain ``add`` reductions in float32, and there ran
+    several times slower and without the slice fused in).
+    """
+    return lax.reduce(x, jnp.zeros((), x.dtype), lambda a, b: a - (-b), (axis % x.ndim,))
+
+
 def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
                   logits_soft_cap, precision, hook=None):
     """Attention of ``q (B, T, N, H)`` (scaled, in the compute dtype) over the cached positions
@@ -199,6 +217,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
     contiguous ``(C, K·H)`` block per batch row); the loop runs only over chunks that can hold a
     visible position (dynamic trip count). Per chunk, with ``Y = N·T`` query columns:
 
+    * ``reduce`` (``G·T <= REDUCE_MAX_COLUMNS``, i.e. one token with one query head per kv
+      head): logits and the value sum as fused multiply-and-sum loops (``_sum``), which XLA:CPU
+      runs on the cache slice in place (no copy of the chunk, no wasted products).
     * ``flat`` (``Y <= FLAT_MAX_COLUMNS`` or ``K = 1``): one product ``(C, K·H) @ (K·H, Y)`` over
       all heads, the queries placed block-diagonally (query column ``(k, g, t)`` is zero outside
       kv head ``k``'s rows), and one ``(Y, C) @ (C, K·Hv)`` for the values, whose off-diagonal
@@ -214,7 +235,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
     Y = N * T
     cdt = q.dtype
     C = min(chunk, L)
-    flat = K == 1 or Y <= FLAT_MAX_COLUMNS
+    mode = ("reduce" if G * T <= REDUCE_MAX_COLUMNS
+            else "flat" if K == 1 or Y <= FLAT_MAX_COLUMNS else "heads")
+    flat = mode == "flat"
     filled = jnp.minimum(P, L)  # slots holding a position < P (in order, for a plain cache)
     hi = (jnp.max(filled) + C - 1) // C
     lo = jnp.int32(0)
@@ -233,6 +256,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         diag = jnp.eye(K, dtype=bool)[None, :, None, :, None, None]
         qx = jnp.where(diag, qt[:, None], jnp.zeros((), cdt)).reshape(B, K * H, Y)
         Z = K * Hv
+    elif mode == "reduce":
+        qx = jnp.transpose(qg, (0, 2, 3, 1, 4)).reshape(B, 1, K, G * T, H)
+        Z = Hv
     else:
         qx = qg
         Z = Hv
@@ -256,6 +282,8 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         if flat:
             s = jnp.einsum("bcx,bxy->bcy", kb, qx, preferred_element_type=cdt,
                            precision=precision)
+        elif mode == "reduce":
+            s = _sum(kb.reshape(B, C, K, 1, H) * qx, 4).reshape(B, C, Y)
         else:
             s = jnp.einsum("btkgh,bckh->bckgt", qx, kb.reshape(B, C, K, H),
                            preferred_element_type=cdt, precision=precision).reshape(B, C, Y)
@@ -289,6 +317,9 @@ def _attend_cache(q, key, value, P, P_end, window_left, ring: bool, chunk: int,
         if flat:
             pv = jnp.einsum("bcy,bcz->byz", p, vb, preferred_element_type=cdt,
                             precision=precision)
+        elif mode == "reduce":
+            pv = _sum(p.reshape(B, C, K, G * T, 1) * vb.reshape(B, C, K, 1, Hv), 1)
+            pv = pv.reshape(B, Y, Hv)
         else:
             pv = jnp.einsum("bckz,bckh->bkzh", p.reshape(B, C, K, G * T),
                             vb.reshape(B, C, K, Hv), preferred_element_type=cdt,
@@ -319,32 +350,25 @@ def _write(buf, new, idx):
     """``buf (B, L, K, H)`` with ``new (B, T, K, H)`` written at slots ``idx (B, T)`` (``L``:
     dropped), in place when ``buf`` is donated.
 
-    One scatter for float32/float64 buffers. XLA:CPU has no bfloat16/float16 scatter: it
-    converts the whole cache to float32, scatters and converts back (temp memory O(L)). For at
-    most ``_NARROW_TOKEN_WRITES`` tokens a narrower buffer is instead written token by token
-    with ``dynamic_update_slice`` (dropped tokens skipped with ``lax.cond``): no temp memory,
-    but XLA:CPU still rewrites the whole buffer once per token (its bf16 update-slice is
-    converted too); measured about as fast as the scatter at 8 tokens, so beyond that the
-    scatter is used.
+    One scatter for float32/float64 buffers. XLA:CPU has no bfloat16/float16 scatter or
+    update-slice: it converts the whole cache to float32 and back around them (a scatter also
+    holds a float32 copy of the cache, temp memory O(L); each update-slice rewrites the whole
+    buffer). For steps of at most ``_NARROW_TOKEN_WRITES`` tokens a narrower buffer is instead
+    rewritten once, elementwise (one select per token, fused into a single pass over the cache
+    that XLA performs in place): one read and one write of the cache whatever ``B``, no temp
+    memory. Longer steps (prefill) use the scatter.
     """
     B, T = idx.shape
     L = buf.shape[1]
     new = new.astype(buf.dtype)
-    if jnp.dtype(buf.dtype).itemsize >= 4 or B * T > _NARROW_TOKEN_WRITES:
+    if jnp.dtype(buf.dtype).itemsize >= 4 or T > _NARROW_TOKEN_WRITES:
         rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
         return buf.at[rows, idx].set(new, mode="drop")
-
-    def body(i, buf):
-        b, t = i // T, i % T
-        slot = idx[b, t]
-        tok = lax.dynamic_slice(new, (b, t, 0, 0), (1, 1) + new.shape[2:])
-        zero = jnp.zeros((), jnp.int32)
-        return lax.cond(
-            slot < L,
-            lambda buf: lax.dynamic_update_slice(buf, tok, (b, slot, zero, zero)),
-            lambda buf: buf, buf)
-
-    return lax.fori_loop(jnp.int32(0), jnp.int32(B * T), body, buf)
+    slots = lax.broadcasted_iota(jnp.int32, (1, L, 1, 1), 1)
+    for t in range(T):  # later tokens last: of two tokens for one slot (a ring), the newest wins
+        hit = slots == idx[:, t, None, None, None]
+        buf = jnp.where(hit, new[:, t:t + 1], buf)
+    return buf
 
 
 def _finish(carry):
