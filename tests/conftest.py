@@ -23,6 +23,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # Property tests (tests/test_properties.py): a few examples by default, many with --run-slow.
+    from hypothesis import settings
+
+    settings.register_profile("attnjax-default", max_examples=5)
+    settings.register_profile("attnjax-slow", max_examples=40)
+    settings.load_profile("attnjax-slow" if config.getoption("--run-slow") else "attnjax-default")
     config.addinivalue_line("markers", "full_grid: the whole differential grid (--full-grid)")
     config.addinivalue_line("markers", "slow: long-running cases (--run-slow)")
 

@@ -90,7 +90,7 @@ def test_rows_at_different_positions_and_multi_token_steps():
     _check(got, q, k, v)
 
 
-@pytest.mark.parametrize("window", [1, 4, 7])
+@pytest.mark.parametrize("window", [1, pytest.param(4, marks=pytest.mark.slow), 7])
 def test_sliding_window_ring_buffer(window):
     q, k, v = _histories(2)
     # prompt longer than the window, single steps that wrap around, multi-token steps shorter

@@ -178,13 +178,21 @@ def x64():
         jax.config.update("jax_enable_x64", False)
 
 
-def _grads(fn, data, argnums):
+def _grads(fn, data, argnums, jit=True):
     loss = _loss(fn, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
     args = [jnp.asarray(data[n]) for n in ("q", "k", "v")]
     args += [jax.tree.map(jnp.asarray, data["params"]),
              None if data["sinks"] is None else jnp.asarray(data["sinks"])]
-    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
+    vg = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
+    (_, (out, lse)), grads = (jax.jit(vg) if jit else vg)(*args)
     return out, lse, grads
+
+
+def reference_grads(case, argnums):
+    """The float64 reference's output, lse and gradients, run eagerly: every case has the same
+    shapes, so its op-by-op executables are compiled once for the whole table."""
+    return _grads(functools.partial(reference, case=case, vis=dense_visibility(case)),
+                  _inputs(case), argnums, jit=False)
 
 
 # The default run: every case in the chunked kernel, a few in the others; the rest is slow.
@@ -203,7 +211,7 @@ def test_matches_dense_float64_reference(case, impl, x64):
     if impl == "chunked_block_mask" and case.mask is None:
         pytest.skip("no mask_mod to build a block mask from")
     argnums = (0, 1, 2, 3) + ((4,) if case.sinks else ())
-    want = _grads(functools.partial(reference, case=case, vis=dense_visibility(case)), _inputs(case), argnums)
+    want = reference_grads(case, argnums)
     lib = _library(case, IMPLS[impl], impl == "chunked_block_mask")
     got = _grads(lib, _inputs(case, np.float32), argnums)
     out, lse = np.asarray(got[0], np.float64), np.asarray(got[1], np.float64)

@@ -50,7 +50,9 @@ def problems(draw):
     return (B, T, S, K * G, K, H), (cq, ck), kw, vis, seed
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Each example compiles a forward and backward pass (seconds on 2 cores): 5 examples by default,
+# 40 with --run-slow (tests/conftest.py picks the hypothesis profile).
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_chunked_equals_reference(problem):
     (B, T, S, N, K, H), chunk, kw, vis_kw, seed = problem

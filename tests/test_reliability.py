@@ -64,9 +64,18 @@ def test_bf16_backward_single_chunk_default_chunks_issue_repro():
         np.testing.assert_allclose(np.asarray(got, np.float64), w, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("T", [300, 512])
-@pytest.mark.parametrize("masks", [False, True], ids=["plain", "masked"])
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def _one_chunk_params():
+    # A half fraction of T x masks x jit by default (each value of each axis twice), all with
+    # --run-slow.
+    for T in (300, 512):
+        for masks, mid in ((False, "plain"), (True, "masked")):
+            for jit, jid in ((False, "eager"), (True, "jit")):
+                slow = (T == 512) ^ masks ^ jit
+                yield pytest.param(T, masks, jit, id=f"{jid}-{mid}-{T}",
+                                   marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("T,masks,jit", list(_one_chunk_params()))
 def test_bf16_backward_one_chunk_shapes(T, masks, jit):
     rng = np.random.default_rng(T)
     q, k, v = (jnp.asarray(rng.standard_normal((2, T, 2, 32)), jnp.bfloat16) for _ in range(3))
@@ -221,8 +230,12 @@ def test_float64_inputs_are_computed_in_float64(impl):
 
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("impl,jit", [
+    pytest.param("xla", False, id="eager-xla", marks=pytest.mark.slow),
+    pytest.param("xla", True, id="jit-xla"),
+    pytest.param("xla_chunked", False, id="eager-xla_chunked"),
+    pytest.param("xla_chunked", True, id="jit-xla_chunked"),
+])
 def test_debug_nans_every_mask_kind(impl, jit):
     from tests.test_harness import _problem
 
