@@ -245,10 +245,18 @@ UNEVEN_DEFAULT = {"combined", "causal_offset_per_row", "window_asymmetric", "seg
                   "decode_T1", "head_dim_odd", "empty_rows", "kv_lengths"}
 
 
+# "xla" builds its masks with the same code as the chunked kernel's per-block masks, densely; by
+# default on the cases that exercise each mask argument once, the whole table with --run-slow.
+XLA_DEFAULT = {"causal_offset_per_row", "window_asymmetric", "lengths_causal", "segments",
+               "mask_broadcast", "bias_broadcast", "softcap", "empty_rows", "combined", "mqa",
+               "decode_T1", "value_head_dim", "unbatched"}
+
+
 def _float32_params():
     for case in CASES:
         for impl in IMPLEMENTATIONS:
-            slow = impl == "xla_chunked_uneven" and case.name not in UNEVEN_DEFAULT
+            slow = ((impl == "xla_chunked_uneven" and case.name not in UNEVEN_DEFAULT)
+                    or (impl == "xla" and case.name not in XLA_DEFAULT))
             yield pytest.param(case, impl, id=f"{case.name}-{impl}",
                                marks=pytest.mark.slow if slow else ())
 
