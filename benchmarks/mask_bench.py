@@ -54,16 +54,23 @@ def cpu_info() -> dict:
     return dict(model=model, isa=isa, cores=os.cpu_count())
 
 
-def time_fn(fn, args, repeats: int):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))  # compile + first run
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+def time_round_robin(fns: dict, args, repeats: int, on_compiled=None):
+    """Median seconds of each function over ``repeats`` rounds, the functions timed in turn
+    within each round (so a slow spell of a shared host hits every case, not one), after one
+    compiling call each. Returns ``{name: (median_s, compile_s)}``."""
+    compile_s, times = {}, {name: [] for name in fns}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), compile_s
+        jax.block_until_ready(fn(*args))  # compile + first run
+        compile_s[name] = time.perf_counter() - t0
+        if on_compiled is not None:
+            on_compiled(name, compile_s[name])
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), compile_s[name]) for name in fns}
 
 
 def main(argv=None):
@@ -111,16 +118,18 @@ def main(argv=None):
     }
     info = cpu_info()
     print(f"CPU: {info['model']} ({info['isa']}, {info['cores']} cores); jax {jax.__version__}; "
-          f"B={B} N={N} H={H} T=S={L} float32, fwd+bwd, median of {args.repeats}")
+          f"B={B} N={N} H={H} T=S={L} float32, fwd+bwd, median of {args.repeats} rounds "
+          f"(cases timed in turn within each round)")
+    todo = {name: fn for name, fn in cases.items() if name not in args.skip}
+    timed = time_round_robin(
+        todo, (q, k, v), args.repeats,
+        on_compiled=lambda name, c: print(f"  compiled {name:30s} {c:5.1f} s", flush=True))
     results = {}
-    for name, fn in cases.items():
-        if name in args.skip:
-            continue
-        t, c = time_fn(fn, (q, k, v), args.repeats)
+    for name, (t, c) in timed.items():
         results[name] = dict(seconds=t, compile_seconds=c)
         print(f"  {name:30s} {t * 1e3:10.1f} ms   (compile {c:5.1f} s)", flush=True)
-        with open(args.json, "w") as f:  # partial results survive an interrupted run
-            json.dump(dict(cpu=info, results=results), f, indent=1)
+    with open(args.json, "w") as f:
+        json.dump(dict(cpu=info, results=results), f, indent=1)
 
     def ratio(a, b):
         if a in results and b in results:
