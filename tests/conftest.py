@@ -44,3 +44,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_grid)
         elif "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def x64():
+    """``jax_enable_x64`` on for one test (restored after it)."""
+    import jax  # noqa: PLC0415 (after JAX_PLATFORMS is set above)
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)

@@ -174,8 +174,10 @@ def _build(case: Case, dtype, seed=0):
     )
 
 
-def _run(case: Case, impl_kw: dict, dtype, data):
-    """Library forward (output, lse) and VJP (dq, dk, dv, dbias) in float32 NumPy."""
+def _run(case: Case, impl_kw: dict, dtype, data, call=None):
+    """Library forward (output, lse) and VJP (dq, dk, dv, dbias) in float32 NumPy.
+
+    ``call(fn, *args)`` runs the forward+VJP function (default: ``jax.jit(fn)(*args)``)."""
     lib = {**data["lib"], **impl_kw}
     arrays = [jnp.asarray(data[n], dtype) for n in ("q", "k", "v")]
     has_bias = data["bias"] is not None
@@ -194,13 +196,13 @@ def _run(case: Case, impl_kw: dict, dtype, data):
         bias = xs[3] if has_bias else None
         return attnjax.dot_product_attention(xs[0], xs[1], xs[2], bias, return_residual=True, **lib)
 
-    @jax.jit
     def fwd_bwd(xs, dout):
         (out, lse), vjp = jax.vjp(f, *xs)
         grads = vjp((dout, jnp.zeros_like(lse)))
         return out, lse, grads
 
-    out, lse, grads = fwd_bwd(arrays, dout)
+    call = call or (lambda fn, *args: jax.jit(fn)(*args))
+    out, lse, grads = call(fwd_bwd, arrays, dout)
     to_np = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     out, lse, grads = to_np(out), to_np(lse), [to_np(g) for g in grads]
     if case.unbatched:

@@ -169,15 +169,6 @@ def _library(case, impl_kw, with_block_mask):
     return fn
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 def _grads(fn, data, argnums, jit=True):
     loss = _loss(fn, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
     args = [jnp.asarray(data[n]) for n in ("q", "k", "v")]

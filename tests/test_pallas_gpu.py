@@ -38,40 +38,16 @@ CASE = {c.name: c for c in ta.CASES}
 
 
 def _run(case: ta.Case, dtype, data, impl_kw=PALLAS, interpret: bool = True):
-    """Like ``tests.test_attention._run`` (forward + VJP under one jit), interpreted unless
+    """``tests.test_attention._run`` (forward + VJP under one jit), interpreted unless
     ``interpret=False`` (compiled Triton kernels, on a GPU)."""
-    lib = {**data["lib"], **impl_kw}
-    arrays = [jnp.asarray(data[n], dtype) for n in ("q", "k", "v")]
-    has_bias = data["bias"] is not None
-    if has_bias:
-        arrays.append(jnp.asarray(data["bias"], dtype))
-    dout = jnp.asarray(data["dout"], dtype)
-    if case.unbatched:
-        arrays = [x[0] for x in arrays]
-        dout = dout[0]
-        lib = {k: (v[0] if k in ("query_segment_ids", "key_value_segment_ids") else v)
-               for k, v in lib.items()}
 
-    def f(*xs):
-        bias = xs[3] if has_bias else None
-        return attnjax.dot_product_attention(xs[0], xs[1], xs[2], bias, return_residual=True, **lib)
-
-    def fwd_bwd(xs, dout):
-        (out, lse), vjp = jax.vjp(f, *xs)
-        return out, lse, vjp((dout, jnp.zeros_like(lse)))
-
-    if interpret:
+    def call(fn, *args):
+        if not interpret:
+            return jax.jit(fn)(*args)
         with attnjax.pallas_interpret():
-            out, lse, grads = jax.jit(fwd_bwd, compiler_options=_FAST_COMPILE)(arrays, dout)
-    else:
-        out, lse, grads = jax.jit(fwd_bwd)(arrays, dout)
-    to_np = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    out, lse, grads = to_np(out), to_np(lse), [to_np(g) for g in grads]
-    if case.unbatched:
-        out, lse, grads = out[None], lse[None], [g[None] for g in grads]
-    if not has_bias:
-        grads.append(None)
-    return out, lse, grads
+            return jax.jit(fn, compiler_options=_FAST_COMPILE)(*args)
+
+    return ta._run(case, impl_kw, dtype, data, call=call)
 
 
 def _check(case: ta.Case, dtype, impl_kw=PALLAS, interpret: bool = True):
@@ -483,15 +459,6 @@ def _check_flex(case, block_mask: bool, interpret: bool = True):
         # the closed-over arrays really receive gradient
         name = "slopes" if case.score == "alibi" else "table"
         assert np.abs(np.asarray(grads[3][name])).max() > 0
-
-
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 @pytest.mark.slow

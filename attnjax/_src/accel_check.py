@@ -258,6 +258,18 @@ def _time(fn, args, reps: int) -> float:
     return float(np.median(times))
 
 
+
+def _timed_row(row: dict, fn, args, flops: float, reps: int) -> dict:
+    """``row`` with the median time of ``fn(*args)`` and its TFLOP/s, or the error that
+    stopped it (e.g. out of memory), reported rather than raised."""
+    try:
+        sec = _time(fn, args, reps)
+        row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported
+        row.update(ms=None, tflops=None, error=f"{type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+    return row
+
 def timing(sizes, B, N, H, dtype, impls, reps, jax_nn_paths, causals=(False, True)) -> list[dict]:
     rows = []
     rng = np.random.default_rng(1)
@@ -295,15 +307,9 @@ def timing(sizes, B, N, H, dtype, impls, reps, jax_nn_paths, causals=(False, Tru
                     ("fwd", jax.jit(f), flops_fwd),
                     ("fwd+bwd", jax.jit(jax.grad(loss, argnums=(0, 1, 2))), 3.5 * flops_fwd),
                 ):
-                    row = dict(name=name, T=T, S=T, causal=causal, mode=mode, B=B, N=N, H=H,
-                               dtype=jnp.dtype(dtype).name)
-                    try:
-                        sec = _time(fn, (q, k, v), reps)
-                        row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
-                    except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported
-                        row.update(ms=None, tflops=None, error=f"{type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:160] if str(e) else ''}")
-                    rows.append(row)
+                    rows.append(_timed_row(
+                        dict(name=name, T=T, S=T, causal=causal, mode=mode, B=B, N=N, H=H,
+                             dtype=jnp.dtype(dtype).name), fn, (q, k, v), flops, reps))
     return rows
 
 
@@ -328,15 +334,10 @@ def flex_timing(sizes, B, N, H, dtype, reps) -> list[dict]:
                 ("fwd", jax.jit(f), flops_fwd),
                 ("fwd+bwd", jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), 3.5 * flops_fwd),
             ):
-                row = dict(name=f"attnjax:{impl}[mask_mod+alibi]", T=T, S=T, causal=True,
-                           mode=mode, B=B, N=N, H=H, dtype=jnp.dtype(dtype).name)
-                try:
-                    sec = _time(fn, (q, k, v, slopes), reps)
-                    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported
-                    row.update(ms=None, tflops=None, error=f"{type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:160] if str(e) else ''}")
-                rows.append(row)
+                rows.append(_timed_row(
+                    dict(name=f"attnjax:{impl}[mask_mod+alibi]", T=T, S=T, causal=True,
+                         mode=mode, B=B, N=N, H=H, dtype=jnp.dtype(dtype).name),
+                    fn, (q, k, v, slopes), flops, reps))
     return rows
 
 

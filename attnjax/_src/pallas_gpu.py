@@ -858,6 +858,21 @@ def _scatter_leaf(ref, leaf: _Leaf, g):
 # Kernels.
 
 
+def _key_block_masks(cfg: _Cfg, masked: bool, k_sl, qpos, kpos, off, qlen, kvlen, qseg,
+                     kseg_ref, mask_ref, bias_ref, mods):
+    """Visibility (``None`` for an unmasked block) and bias tile of one ``(block_q, block_k)``
+    tile of a kernel whose program owns a query block and loops over key blocks (the forward
+    and the dQ kernels)."""
+    vis = None
+    if masked:
+        kseg = None if kseg_ref is None else kseg_ref[k_sl]
+        mblk = None if mask_ref is None else _qk_tile(
+            mask_ref, cfg.mask_shape, slice(None), k_sl)
+        vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk, mods)
+    bblk = None if bias_ref is None else _qk_tile(bias_ref, cfg.bias_shape, slice(None), k_sl)
+    return vis, bblk
+
+
 def _fwd_kernel(*refs, cfg: _Cfg):
     (q_ref, k_ref, v_ref, row_ref), (qseg_ref, qr_ref, kr_ref), kseg_ref, mask_ref, bias_ref, \
         fx, (o_ref, lse_ref) = _split_refs(cfg, refs, 4)
@@ -879,14 +894,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
             k_sl = pl.ds(ks, bk)
             kpos = ks + _iota(bk, 1)
             s = _dot(q, k_ref[k_sl, :], cfg, trans_b=True)
-            vis = None
-            if masked:
-                kseg = None if kseg_ref is None else kseg_ref[k_sl]
-                mblk = None if mask_ref is None else _qk_tile(
-                    mask_ref, cfg.mask_shape, slice(None), k_sl)
-                vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk, mods)
-            bblk = None if bias_ref is None else _qk_tile(
-                bias_ref, cfg.bias_shape, slice(None), k_sl)
+            vis, bblk = _key_block_masks(cfg, masked, k_sl, qpos, kpos, off, qlen, kvlen, qseg,
+                                         kseg_ref, mask_ref, bias_ref, mods)
             smod = None if cfg.score_mod is None else (
                 lambda x: mods.score(x, qpos, kpos))  # noqa: B023 (called in this iteration)
             z, _ = _logits(cfg, s, bblk, vis, smod)
@@ -1006,14 +1015,8 @@ def _dq_kernel(*refs, cfg: _Cfg):
             k = k_ref[k_sl, :]
             s = _dot(q, k, cfg, trans_b=True)
             dp = _dot(do, v_ref[k_sl, :], cfg, trans_b=True)
-            vis = None
-            if masked:
-                kseg = None if kseg_ref is None else kseg_ref[k_sl]
-                mblk = None if mask_ref is None else _qk_tile(
-                    mask_ref, cfg.mask_shape, slice(None), k_sl)
-                vis = _visible(cfg, qpos, kpos, off, qlen, kvlen, qseg, kseg, mblk, mods)
-            bblk = None if bias_ref is None else _qk_tile(
-                bias_ref, cfg.bias_shape, slice(None), k_sl)
+            vis, bblk = _key_block_masks(cfg, masked, k_sl, qpos, kpos, off, qlen, kvlen, qseg,
+                                         kseg_ref, mask_ref, bias_ref, mods)
             keep = None if cfg.dropout_rate == 0.0 else _keep(cfg, seed_bits, b, n, qpos, kpos)
             leaf_grads = []
             _, _, ds = _tile_grads(cfg, s, lse, delta, dp, bblk, vis, keep, mods, qpos, kpos,
