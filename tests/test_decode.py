@@ -9,9 +9,38 @@ import pytest
 
 import attnjax
 from attnjax import KVCache, cached_attention
+from attnjax._src import native
 
 B, N, K, H = 3, 4, 2, 8
 TOTAL = 24
+
+
+@pytest.fixture(params=["native", "xla"])
+def decode_path(request):
+    """Each test twice: steps by the native CPU kernel (where it serves them: float32 compute,
+    T <= 8, no mods), and all in XLA. Functions are traced inside the fixture, so the choice
+    applies (every test jits a fresh function)."""
+    if request.param == "xla":
+        with native.disabled():
+            yield "xla"
+    else:
+        if not native.enabled():
+            pytest.skip(f"native decode kernel unavailable: {native.status()['reason']}")
+        yield "native"
+
+
+def test_native_kernel_is_built_where_a_compiler_exists():
+    """A host with a C++ compiler must get the native kernel: a broken build fails here rather
+    than falling back to the slower path unnoticed."""
+    import os
+    import shutil
+
+    if os.environ.get("ATTNJAX_NATIVE_KERNELS", "1") in ("0", "false", "no", "off"):
+        pytest.skip("ATTNJAX_NATIVE_KERNELS disables the native kernel")
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("no C++ compiler on this host")
+    st = native.status()
+    assert st["enabled"], st["reason"]
 
 
 def _histories(seed=0, total=TOTAL):
@@ -75,7 +104,7 @@ def _stepper(**kw):
 
 
 @pytest.mark.parametrize("prompt,chunk", [(1, 3), (5, 3), (11, 3), (5, 1024)])
-def test_prefill_then_single_steps(prompt, chunk):
+def test_prefill_then_single_steps(prompt, chunk, decode_path):
     q, k, v = _histories()
     schedule = [(prompt, [prompt] * B)] + [(1, [1] * B)] * 6
     cache = KVCache.create(B, 20, K, H)  # 20 is not a multiple of 3: overlapping last chunk
@@ -83,7 +112,7 @@ def test_prefill_then_single_steps(prompt, chunk):
     _check(got, q, k, v)
 
 
-def test_rows_at_different_positions_and_multi_token_steps():
+def test_rows_at_different_positions_and_multi_token_steps(decode_path):
     q, k, v = _histories(1)
     schedule = [(6, [6, 2, 0]), (1, [1, 1, 1]), (4, [4, 1, 3]), (3, [0, 3, 2]), (1, [1, 1, 1])]
     got, _ = _run(schedule, KVCache.create(B, 16, K, H), q, k, v, _stepper(chunk_size=4))
@@ -91,7 +120,7 @@ def test_rows_at_different_positions_and_multi_token_steps():
 
 
 @pytest.mark.parametrize("window", [1, pytest.param(4, marks=pytest.mark.slow), 7])
-def test_sliding_window_ring_buffer(window):
+def test_sliding_window_ring_buffer(window, decode_path):
     q, k, v = _histories(2)
     # prompt longer than the window, single steps that wrap around, multi-token steps shorter
     # and longer than the window, ragged rows
@@ -103,7 +132,7 @@ def test_sliding_window_ring_buffer(window):
     _check(got, q, k, v, window=window - 1)  # the last `window` positions, itself included
 
 
-def test_window_on_plain_cache_and_soft_cap():
+def test_window_on_plain_cache_and_soft_cap(decode_path):
     q, k, v = _histories(3)
     schedule = [(7, [7, 7, 7])] + [(1, [1, 1, 1])] * 5 + [(3, [3, 3, 3])]
     step = _stepper(chunk_size=2, local_window_size=(3, 0), logits_soft_cap=2.0)
@@ -111,11 +140,11 @@ def test_window_on_plain_cache_and_soft_cap():
     _check(got, q, k, v, window=3, cap=2.0)
 
 
-def test_matches_full_forward_of_core_bf16_cache():
+def test_matches_full_forward_of_core_bf16_cache(decode_path):
     q, k, v = _histories(4, total=12)
     full = attnjax.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     cache = KVCache.create(B, 12, K, H, dtype=jnp.bfloat16)
-    step = jax.jit(cached_attention)
+    step = jax.jit(lambda q, k, v, c: cached_attention(q, k, v, c))
     out1, cache = step(q[:, :8], k[:, :8], v[:, :8], cache)
     out2, cache = step(q[:, 8:], k[:, 8:], v[:, 8:], cache)
     assert cache.key.dtype == jnp.bfloat16
@@ -158,7 +187,7 @@ def _compiled_step(L, T, window=None, chunk=256):
 
 
 @pytest.mark.parametrize("window", [None, 4096])
-def test_step_memory_is_flat_and_cache_updated_in_place(window):
+def test_step_memory_is_flat_and_cache_updated_in_place(window, decode_path):
     temps = {}
     for L in (4096, 16384):
         for T in (1, 16):
@@ -193,6 +222,7 @@ def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max, reduce_max)
     reference: plain cache with a window and a soft-cap, ragged rows, multi-token steps, and a
     ring buffer."""
     from attnjax._src import decode
+    monkeypatch.setattr(native._local, "disabled", True, raising=False)  # the XLA reads
     monkeypatch.setattr(decode, "FLAT_MAX_COLUMNS", flat_max)
     monkeypatch.setattr(decode, "REDUCE_MAX_COLUMNS", reduce_max)
     q, k, v = _histories(5)
@@ -205,7 +235,7 @@ def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max, reduce_max)
     _check(got, q, k, v, window=4)
 
 
-def test_multi_query_cache_single_kv_head():
+def test_multi_query_cache_single_kv_head(decode_path):
     """K = 1 (multi-query): every step takes the all-heads product, long steps included."""
     r = jax.random.split(jax.random.key(6), 3)
     q = jax.random.normal(r[0], (2, 20, 4, 8), jnp.float32)
@@ -232,6 +262,8 @@ def test_x64_float64_computes_in_float64_and_float32_with_int32_indices(monkeypa
     float32), float32 inputs stay float32, and the cache lengths stay int32 (also with every
     step read by the fused multiply-and-sum loops)."""
     from attnjax._src import decode
+    if reduce_max != 1:
+        monkeypatch.setattr(native._local, "disabled", True, raising=False)  # the XLA reads
     monkeypatch.setattr(decode, "REDUCE_MAX_COLUMNS", reduce_max)
     with jax.enable_x64(True):
         q, k, v = (np.asarray(x, np.float64) for x in _histories(7))
@@ -244,8 +276,8 @@ def test_x64_float64_computes_in_float64_and_float32_with_int32_indices(monkeypa
                               jnp.full((B,), 7, jnp.int32))
             got.update({(b, p): np.asarray(out)[b, p] for b in range(B) for p in range(7)})
             for p in range(7, 12):
-                out, cache = jax.jit(cached_attention)(qs[:, p:p + 1], ks[:, p:p + 1],
-                                                       vs[:, p:p + 1], cache)
+                out, cache = jax.jit(lambda *a: cached_attention(*a))(
+                    qs[:, p:p + 1], ks[:, p:p + 1], vs[:, p:p + 1], cache)
                 assert out.dtype == dtype
                 got.update({(b, p): np.asarray(out)[b, 0] for b in range(B)})
             assert cache.lengths.dtype == jnp.int32
@@ -267,7 +299,7 @@ def _unfused_instructions(hlo: str) -> str:
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_precision_cache_step_is_flat_and_in_place(dtype):
+def test_low_precision_cache_step_is_flat_and_in_place(dtype, decode_path):
     """A bfloat16/float16 cache, steps of T ≤ 8 tokens: no whole-cache conversion (XLA:CPU
     has no bf16 scatter or dynamic-slice and used to convert the cache to float32 and back every
     step), no copy of the cache, temp memory independent of the cache length."""
@@ -293,3 +325,54 @@ def test_low_precision_cache_step_is_flat_and_in_place(dtype):
             assert ma.temp_size_in_bytes < cache.key.nbytes / 2, (L, B, T, ma)
     for B, T in ((1, 1), (2, 4)):
         assert temps[(16384, B, T)] <= temps[(4096, B, T)] * 1.1 + 65536
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_cache_matches_reference(dtype, decode_path):
+    """bfloat16/float16 caches, float32 queries: single and 4-token steps, ragged rows, a plain
+    cache and a ring buffer, against the float64 reference of the stored (rounded) keys and
+    values."""
+    q, k, v = _histories(8)
+    k, v = k.astype(dtype), v.astype(dtype)  # what the cache stores, exactly
+    schedule = [(6, [6, 3, 5]), (1, [1, 1, 1]), (4, [4, 2, 0]), (1, [1, 1, 1]), (4, [4, 4, 4])]
+    got, cache = _run(schedule, KVCache.create(B, 20, K, H, dtype), q, k, v, _stepper())
+    assert cache.key.dtype == dtype
+    _check(got, q, k, v)
+    got, _ = _run(schedule, KVCache.create(B, None, K, H, dtype, window=6), q, k, v,
+                  _stepper())
+    _check(got, q, k, v, window=5)
+
+
+def test_forward_derivative_of_a_step(decode_path, x64):
+    """jax.jvp through a decoding step (the native kernel's derivative is the XLA path's) against
+    a float64 dense reference, with tangents on the query, the new key/value and the cache.
+    (Reverse mode is not available: the cache is read by a loop with a dynamic trip count.)"""
+    r = jax.random.split(jax.random.key(9), 4)
+    P = 11
+    q = jax.random.normal(r[0], (B, P + 1, N, H), jnp.float32)
+    k = jax.random.normal(r[1], (B, P + 1, K, H), jnp.float32)
+    v = jax.random.normal(r[2], (B, P + 1, K, H), jnp.float32)
+    kc = jnp.zeros((B, 16, K, H), jnp.float32).at[:, :P].set(k[:, :P])
+    vc = jnp.zeros((B, 16, K, H), jnp.float32).at[:, :P].set(v[:, :P])
+    args = (q[:, P:], k[:, P:], v[:, P:], kc, vc)
+    tangents = tuple(jax.random.normal(kk, a.shape, jnp.float32)
+                     for kk, a in zip(jax.random.split(r[3], 5), args, strict=True))
+
+    def step(qt, kt, vt, kc, vc):
+        out, _ = cached_attention(qt, kt, vt, KVCache(kc, vc, jnp.full((B,), P, jnp.int32)))
+        return out
+
+    out, tan = jax.jit(lambda a, t: jax.jvp(step, a, t))(args, tangents)
+
+    def ref(qt, kt, vt, kc, vc):
+        kk = jnp.concatenate([kc[:, :P], kt], 1)
+        vv = jnp.concatenate([vc[:, :P], vt], 1)
+        G = N // K
+        s = jnp.einsum("btnh,bsnh->bnts", qt, jnp.repeat(kk, G, axis=2)) / np.sqrt(H)
+        return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), jnp.repeat(vv, G, axis=2))
+
+    f64 = lambda xs: tuple(jnp.asarray(a, jnp.float64) for a in xs)
+    out_ref, tan_ref = jax.jvp(ref, f64(args), f64(tangents))
+    assert out.dtype == tan.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tan), np.asarray(tan_ref), atol=1e-4, rtol=1e-4)

@@ -33,6 +33,7 @@ for ever in bounded memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attnjax._src import native, registry
 from attnjax._src.attention import _normalise_window, dot_product_attention
 from attnjax._src.chunked import merge_partials
 from attnjax._src.config import ChunkSize, as_chunk_size
@@ -371,6 +373,60 @@ def _write(buf, new, idx):
     return buf
 
 
+# The native CPU kernel (native.py, decode_cpu.cc) serves steps of at most this many tokens
+# (decoding, speculative steps); longer ones (prefill) read the cache with matrix products.
+NATIVE_MAX_TOKENS = 8
+_NATIVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _native_reason(cdt, cache: KVCache, T: int, hook, logits_soft_cap) -> str | None:
+    """Why the native CPU kernel cannot serve this step (``None``: it can)."""
+    if registry.current_platform() != "cpu":
+        return f"platform is {registry.current_platform()}, not cpu"
+    if jnp.dtype(cdt) != jnp.float32:
+        return f"compute dtype is {jnp.dtype(cdt).name}, not float32"
+    if (jnp.dtype(cache.key.dtype) != jnp.dtype(cache.value.dtype)
+            or jnp.dtype(cache.key.dtype).name not in _NATIVE_DTYPES):
+        return f"cache dtypes {cache.key.dtype}/{cache.value.dtype} (needs one of {_NATIVE_DTYPES})"
+    if T > NATIVE_MAX_TOKENS:
+        return f"a step of {T} tokens (> {NATIVE_MAX_TOKENS})"
+    if hook is not None:
+        return "mask_mod/score_mod"
+    if logits_soft_cap is not None and not isinstance(logits_soft_cap, int | float):
+        return "a traced or array logits_soft_cap"
+    if not native.enabled():
+        return native.status()["reason"]
+    return None
+
+
+def _xla_write_attend(qs, key, value, key_cache, value_cache, idx, P, P_end, window_left, ring,
+                      logits_soft_cap, chunk, precision, hook=None):
+    """The step's write and its read of the cache, in XLA: ``(out, lse, key_cache, value_cache)``."""
+    new_key = _write(key_cache, key, idx)
+    new_value = _write(value_cache, value, idx)
+    return _attend_cache(qs, new_key, new_value, P, P_end, window_left, ring, chunk,
+                         logits_soft_cap, precision, hook)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _native_write_attend(qs, key, value, key_cache, value_cache, idx, P, P_end, window_left, ring,
+                         logits_soft_cap, chunk, precision):
+    """:func:`_xla_write_attend` by the native CPU kernel (differentiated through the XLA path)."""
+    kc, vc, out, lse = native.decode_step(
+        qs, key.astype(key_cache.dtype), value.astype(value_cache.dtype), key_cache, value_cache,
+        idx, P, P_end, window_left=window_left, ring=ring, soft_cap=logits_soft_cap)
+    return out, lse, kc, vc
+
+
+@_native_write_attend.defjvp
+def _native_write_attend_jvp(window_left, ring, logits_soft_cap, chunk, precision, primals,
+                             tangents):
+    def xla(*args):
+        return _xla_write_attend(*args, window_left, ring, logits_soft_cap, chunk, precision)
+
+    return jax.jvp(xla, primals, tangents)
+
+
 def _finish(carry):
     """``(m, l, acc)`` -> normalised ``out (B, T, K, G, Hv)`` and ``lse (B, T, K, G)``."""
     m, den, acc = carry
@@ -577,18 +633,18 @@ def cached_attention(
 
     # 2. Write the valid new tokens into their slots first (out-of-range indices are dropped):
     #    writing before reading lets XLA update a donated cache in place, with no copy.
+    # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
     if ring:
         keep = (t < n[:, None]) & (t >= n[:, None] - L)
         idx = jnp.where(keep, jnp.mod(pos_new, L), L)
     else:
         idx = jnp.where(t < n[:, None], pos_new, L)
-    new_key = _write(cache.key, key, idx)
-    new_value = _write(cache.value, value, idx)
-
-    # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
-    o_old, lse_old, new_key, new_value = _attend_cache(
-        qs, new_key, new_value, P, P + n, window_left, ring, decode_chunk, logits_soft_cap,
-        precision, hook)
+    static = (window_left, ring, logits_soft_cap, decode_chunk, precision)
+    args = (qs, key, value, cache.key, cache.value, idx, P, P + n)
+    if _native_reason(cdt, cache, T, hook, logits_soft_cap) is None:
+        o_old, lse_old, new_key, new_value = _native_write_attend(*args, *static)
+    else:
+        o_old, lse_old, new_key, new_value = _xla_write_attend(*args, *static, hook=hook)
     parts.append((o_old, lse_old))
 
     # 4. Causal attention over the T new tokens, through the core, in the compute dtype.

@@ -1,0 +1,545 @@
+// attnjax: one decoding step on the CPU, as an XLA FFI custom call.
+//
+// Writes this step's keys and values into the cache buffers (aliased in and out, so a donated
+// cache is updated in place, in every storage dtype) and returns the attention of the step's
+// queries over the cached positions < P (out normalised, and its log-sum-exp), to be merged by
+// the caller with the attention over the step's own tokens. The cache is read once, row by row
+// in its BSKH layout (all kv heads of a slot are contiguous), in blocks of BLOCK slots that stay
+// in L1/L2 between the score pass and the value pass, on the XLA:CPU intra-op thread pool.
+//
+// Built by attnjax/_src/native.py on first use with the host's C++ compiler; the semantics
+// are those of attnjax/_src/decode.py's _attend_cache + _write (the pure-JAX path), which this
+// kernel replaces only where it applies (see native.py).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t BLOCK = 64;  // cache slots per block (scores and probabilities on the stack)
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (what online softmax needs), written so that compilers vectorize it:
+// range reduction by ln 2 and a degree-6 polynomial (relative error ~2e-7); 0 below -87.
+inline float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(xc * 1.44269504f + 0.5f);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Storage dtypes, read as float32.
+struct F32 {
+  using T = float;
+  static inline float get(T x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static inline float get(T x) {
+    const uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+};
+struct F16 {
+  using T = _Float16;
+  static inline float get(T x) { return static_cast<float>(x); }
+};
+
+struct Problem {
+  int64_t B, T, N, K, H, Hv, L, G;
+  const float* q;        // (B, T, N, H) scaled queries
+  const int32_t* P;      // (B,) cached lengths before the step
+  const int32_t* P_end;  // (B,) lengths after the step
+  int64_t window_left;   // -1: no window
+  bool ring;
+  float soft_cap;        // 0: none
+};
+
+// The positions [lo, hi) a row reads: every cached position < P still in the buffer and
+// visible to at least one of the step's queries.
+inline void row_range(const Problem& pr, int64_t b, int64_t* lo, int64_t* hi) {
+  const int64_t P = pr.P[b];
+  int64_t l = 0, h = std::min<int64_t>(P, pr.L);
+  if (pr.ring) {
+    l = std::max<int64_t>(0, static_cast<int64_t>(pr.P_end[b]) - pr.L);
+    h = P;
+  }
+  if (pr.window_left >= 0) l = std::max<int64_t>(l, P - pr.window_left);
+  *lo = l;
+  *hi = std::max(l, h);
+}
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 ld8(const float* p) {
+  v8 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void st8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
+inline float hsum(v8 a) {
+  const float lo = (a[0] + a[4]) + (a[1] + a[5]);
+  const float hi = (a[2] + a[6]) + (a[3] + a[7]);
+  return lo + hi;
+}
+
+// out[0..3] = the sums of a0..a3 (one transposing reduction instead of four).
+inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* out) {
+  typedef float v4 __attribute__((vector_size(16)));
+  // pairwise: lanes (0+1, 2+3) of each, interleaved, then the two halves of the vector
+  const v8 t0 = __builtin_shufflevector(a0, a1, 0, 2, 8, 10, 4, 6, 12, 14) +
+                __builtin_shufflevector(a0, a1, 1, 3, 9, 11, 5, 7, 13, 15);
+  const v8 t1 = __builtin_shufflevector(a2, a3, 0, 2, 8, 10, 4, 6, 12, 14) +
+                __builtin_shufflevector(a2, a3, 1, 3, 9, 11, 5, 7, 13, 15);
+  // t0 = [a0(01) a0(23) a1(01) a1(23) | a0(45) a0(67) a1(45) a1(67)], t1 likewise for a2, a3
+  const v8 t2 = __builtin_shufflevector(t0, t1, 0, 2, 8, 10, 4, 6, 12, 14) +
+                __builtin_shufflevector(t0, t1, 1, 3, 9, 11, 5, 7, 13, 15);
+  // t2 = [a0(0-3) a1(0-3) a2(0-3) a3(0-3) | a0(4-7) a1(4-7) a2(4-7) a3(4-7)]
+  const v4 r = __builtin_shufflevector(t2, t2, 0, 1, 2, 3) +
+               __builtin_shufflevector(t2, t2, 4, 5, 6, 7);
+  std::memcpy(out, &r, sizeof(r));
+}
+
+// s[i] = <q, rows[i] + off> for i < C. HD: the head dim when it is a compile-time multiple of 8
+// (vector code, four slots at a time), or 0 for any H (plain loops).
+template <int HD>
+inline void dots(const float* q, const float* const* rows, int64_t off, int64_t H, int64_t C,
+                 float* s) {
+  if constexpr (HD > 0) {
+    constexpr int V = HD / 8;
+    v8 qv[V];
+    for (int v = 0; v < V; ++v) qv[v] = ld8(q + 8 * v);
+    int64_t i = 0;
+    for (; i + 4 <= C; i += 4) {
+      const float* r0 = rows[i] + off;
+      const float* r1 = rows[i + 1] + off;
+      const float* r2 = rows[i + 2] + off;
+      const float* r3 = rows[i + 3] + off;
+      v8 a0 = qv[0] * ld8(r0), a1 = qv[0] * ld8(r1), a2 = qv[0] * ld8(r2), a3 = qv[0] * ld8(r3);
+#pragma GCC unroll 16
+      for (int v = 1; v < V; ++v) {
+        a0 += qv[v] * ld8(r0 + 8 * v);
+        a1 += qv[v] * ld8(r1 + 8 * v);
+        a2 += qv[v] * ld8(r2 + 8 * v);
+        a3 += qv[v] * ld8(r3 + 8 * v);
+      }
+      s[i] = hsum(a0);
+      s[i + 1] = hsum(a1);
+      s[i + 2] = hsum(a2);
+      s[i + 3] = hsum(a3);
+    }
+    for (; i < C; ++i) {
+      const float* r = rows[i] + off;
+      v8 a = qv[0] * ld8(r);
+      for (int v = 1; v < V; ++v) a += qv[v] * ld8(r + 8 * v);
+      s[i] = hsum(a);
+    }
+  } else {
+    for (int64_t i = 0; i < C; ++i) {
+      const float* r = rows[i] + off;
+      float d = 0.0f;
+      for (int64_t h = 0; h < H; ++h) d += q[h] * r[h];
+      s[i] = d;
+    }
+  }
+}
+
+// a += sum_i p[i] * (rows[i] + off), for i < C; HD as in dots.
+template <int HD>
+inline void axpys(float* a, const float* p, const float* const* rows, int64_t off, int64_t Hv,
+                  int64_t C) {
+  if constexpr (HD > 0) {
+    for (int h0 = 0; h0 < HD; h0 += 64) {  // at most 8 accumulators in registers
+      constexpr int W = HD < 64 ? HD / 8 : 8;
+      v8 acc[W];
+      for (int v = 0; v < W; ++v) acc[v] = ld8(a + h0 + 8 * v);
+      for (int64_t i = 0; i < C; ++i) {
+        const float* r = rows[i] + off + h0;
+        const float pi = p[i];
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) acc[v] += pi * ld8(r + 8 * v);
+      }
+      for (int v = 0; v < W; ++v) st8(a + h0 + 8 * v, acc[v]);
+    }
+  } else {
+    for (int64_t i = 0; i < C; ++i) {
+      const float* r = rows[i] + off;
+      const float pi = p[i];
+      for (int64_t h = 0; h < Hv; ++h) a[h] += pi * r[h];
+    }
+  }
+}
+
+// s[y * BLOCK + i] = <q[y], K row i, head y / (T G)> for all columns y = (n, t), slot-major:
+// four slots at a time, every head of them, so the block is read in memory order.
+template <int HD>
+inline void scores_block(const float* qt, const float* const* rows, int64_t N, int64_t T,
+                         int64_t G, int64_t C, float* s) {
+  constexpr int V = HD / 8;
+  int64_t i = 0;
+  for (; i + 4 <= C; i += 4) {
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t off = (n / G) * HD;
+      const float* r0 = rows[i] + off;
+      const float* r1 = rows[i + 1] + off;
+      const float* r2 = rows[i + 2] + off;
+      const float* r3 = rows[i + 3] + off;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t y = n * T + t;
+        const float* q = qt + y * HD;
+        v8 qv = ld8(q);
+        v8 a0 = qv * ld8(r0), a1 = qv * ld8(r1), a2 = qv * ld8(r2), a3 = qv * ld8(r3);
+#pragma GCC unroll 16
+        for (int v = 1; v < V; ++v) {
+          qv = ld8(q + 8 * v);
+          a0 += qv * ld8(r0 + 8 * v);
+          a1 += qv * ld8(r1 + 8 * v);
+          a2 += qv * ld8(r2 + 8 * v);
+          a3 += qv * ld8(r3 + 8 * v);
+        }
+        hsum4(a0, a1, a2, a3, s + y * BLOCK + i);
+      }
+    }
+  }
+  for (; i < C; ++i)
+    for (int64_t y = 0; y < N * T; ++y) dots<HD>(qt + y * HD, rows + i, (y / T / G) * HD, HD, 1,
+                                                 s + y * BLOCK + i);
+}
+
+// acc[y] += sum_i p[y * BLOCK + i] * (V row i, head y / (T G)), in groups of four slots read
+// in memory order: each column's accumulator (64 floats at a time) is held in registers over
+// the group's four rows, which its other columns then read again from L1.
+template <int HD>
+inline void values_block(float* acc, const float* p, const float* const* rows, int64_t K,
+                         int64_t G, int64_t T, int64_t C) {
+  constexpr int W = HD < 64 ? HD / 8 : 8;
+  constexpr int64_t R = 4;
+  const int64_t GT = G * T;
+  for (int64_t i0 = 0; i0 < C; i0 += R) {
+    const int64_t r_end = std::min(C, i0 + R);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < GT; ++j) {
+        const int64_t y = k * GT + j;
+        const float* py = p + y * BLOCK;
+        for (int h0 = 0; h0 < HD; h0 += 64) {
+          float* a = acc + y * HD + h0;
+          v8 av[W];
+#pragma GCC unroll 8
+          for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
+          for (int64_t i = i0; i < r_end; ++i) {
+            const float* r = rows[i] + k * HD + h0;
+            const float pi = py[i];
+#pragma GCC unroll 8
+            for (int v = 0; v < W; ++v) av[v] += pi * ld8(r + 8 * v);
+          }
+#pragma GCC unroll 8
+          for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
+        }
+      }
+    }
+  }
+}
+
+// Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
+// (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :].
+template <typename S, int HK, int HV>
+void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc, int64_t b,
+            int64_t p0, int64_t p1, float* m, float* l, float* acc) {
+  const int64_t T = pr.T, N = pr.N, K = pr.K, H = pr.H, Hv = pr.Hv, G = pr.G;
+  const int64_t Y = N * T;
+  std::vector<float> qt(Y * H);  // queries in column order (n, t)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(&qt[(n * T + t) * H], pr.q + ((b * T + t) * N + n) * H, H * sizeof(float));
+  std::vector<float> s(Y * BLOCK);
+  std::vector<float> kbuf, vbuf;
+  constexpr bool narrow = !std::is_same_v<S, F32>;
+  if (narrow) {
+    kbuf.resize(BLOCK * K * H);
+    vbuf.resize(BLOCK * K * Hv);
+  }
+  const float* krow[BLOCK];
+  const float* vrow[BLOCK];
+  const int64_t P = pr.P[b];
+  for (int64_t pb = p0; pb < p1; pb += BLOCK) {
+    const int64_t C = std::min<int64_t>(BLOCK, p1 - pb);
+    for (int64_t i = 0; i < C; ++i) {
+      const int64_t slot = pr.ring ? (pb + i) % pr.L : pb + i;
+      const typename S::T* kr = kc + (b * pr.L + slot) * K * H;
+      if constexpr (narrow) {
+        float* dst = &kbuf[i * K * H];
+        for (int64_t x = 0; x < K * H; ++x) dst[x] = S::get(kr[x]);
+        krow[i] = dst;
+      } else {
+        krow[i] = kr;
+      }
+    }
+    // scores (slot-major: the block's rows are read in memory order), masked, and the max
+    if constexpr (HK > 0) {
+      scores_block<HK>(qt.data(), krow, N, T, G, C, s.data());
+    } else {
+      for (int64_t y = 0; y < Y; ++y)
+        dots<0>(&qt[y * H], krow, (y / T / G) * H, H, C, &s[y * BLOCK]);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t y = n * T + t;
+        float* sy = &s[y * BLOCK];
+        if (pr.soft_cap > 0.0f)
+          for (int64_t i = 0; i < C; ++i) sy[i] = pr.soft_cap * std::tanh(sy[i] / pr.soft_cap);
+        // lowest visible position for the query at P + t
+        const int64_t vis_lo = pr.window_left >= 0 ? P + t - pr.window_left : 0;
+        for (int64_t i = 0; i < C; ++i) sy[i] = pb + i < vis_lo ? NEG_INF : sy[i];
+        float mx = m[y];
+        for (int64_t i = 0; i < C; ++i) mx = std::max(mx, sy[i]);
+        if (mx == NEG_INF) {  // nothing visible yet: leave the state as it is
+          for (int64_t i = 0; i < C; ++i) sy[i] = 0.0f;
+          continue;
+        }
+        const float alpha = exp_nonpos(m[y] - mx);  // m = -inf: 0
+        float sum = 0.0f;
+        for (int64_t i = 0; i < C; ++i) {
+          const float p = exp_nonpos(sy[i] - mx);
+          sy[i] = p;
+          sum += p;
+        }
+        l[y] = l[y] * alpha + sum;
+        m[y] = mx;
+        if (alpha != 1.0f) {
+          float* a = acc + y * Hv;
+          for (int64_t h = 0; h < Hv; ++h) a[h] *= alpha;
+        }
+      }
+    }
+    for (int64_t i = 0; i < C; ++i) {
+      const int64_t slot = pr.ring ? (pb + i) % pr.L : pb + i;
+      const typename S::T* vr = vc + (b * pr.L + slot) * K * Hv;
+      if constexpr (narrow) {
+        float* dst = &vbuf[i * K * Hv];
+        for (int64_t x = 0; x < K * Hv; ++x) dst[x] = S::get(vr[x]);
+        vrow[i] = dst;
+      } else {
+        vrow[i] = vr;
+      }
+    }
+    if constexpr (HV > 0) {
+      values_block<HV>(acc, s.data(), vrow, K, G, T, C);
+    } else {
+      for (int64_t y = 0; y < Y; ++y)
+        axpys<0>(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
+    }
+  }
+}
+
+// Runs fn(0..n-1) on the caller and up to `threads - 1` pool workers. Items are claimed from a
+// shared counter, so a worker that starts late (or never) costs nothing; the caller returns
+// once every item is done.
+void parallel_for(ffi::ThreadPool& pool, int64_t threads, int64_t n,
+                  const std::function<void(int64_t)>& fn) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t n = 0;
+    const std::function<void(int64_t)>* fn = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto sh = std::make_shared<Shared>();
+  sh->n = n;
+  sh->fn = &fn;
+  auto work = [](const std::shared_ptr<Shared>& st) {
+    for (;;) {
+      const int64_t i = st->next.fetch_add(1);
+      if (i >= st->n) return;
+      (*st->fn)(i);
+      if (st->done.fetch_add(1) + 1 == st->n) {
+        std::lock_guard<std::mutex> lock(st->mu);
+        st->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t w = 1; w < std::min(threads, n); ++w) pool.Schedule([sh, work] { work(sh); });
+  work(sh);
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->cv.wait(lock, [&] { return sh->done.load() == sh->n; });
+}
+
+template <typename S>
+ffi::Error run(ffi::ThreadPool& pool, Problem pr, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+               const int32_t* idx, ffi::AnyBuffer* k_cache, ffi::AnyBuffer* v_cache, float* out,
+               float* lse) {
+  using T = typename S::T;
+  const int64_t B = pr.B, T_ = pr.T, K = pr.K, H = pr.H, Hv = pr.Hv, L = pr.L;
+  T* kc = k_cache->reinterpret_data<T>();
+  T* vc = v_cache->reinterpret_data<T>();
+  // 1. the step's tokens into their slots (idx outside [0, L): not written)
+  const T* kn = k_new.reinterpret_data<T>();
+  const T* vn = v_new.reinterpret_data<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t slot = idx[b * T_ + t];
+      if (slot < 0 || slot >= L) continue;
+      std::memcpy(kc + (b * L + slot) * K * H, kn + (b * T_ + t) * K * H, K * H * sizeof(T));
+      std::memcpy(vc + (b * L + slot) * K * Hv, vn + (b * T_ + t) * K * Hv, K * Hv * sizeof(T));
+    }
+  // 2. the cached positions, split into pieces over rows and position ranges
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t total = 0;
+  std::vector<int64_t> lo(B), hi(B);
+  for (int64_t b = 0; b < B; ++b) {
+    row_range(pr, b, &lo[b], &hi[b]);
+    total += hi[b] - lo[b];
+  }
+  // pieces of at least 2048 positions, about 4 per thread in all
+  const int64_t piece = std::max<int64_t>(2048, (total + 4 * threads - 1) / (4 * threads));
+  struct Piece {
+    int64_t b, p0, p1;
+  };
+  std::vector<Piece> pieces;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = lo[b]; p < hi[b]; p += piece)
+      pieces.push_back({b, p, std::min(hi[b], p + piece)});
+  const int64_t Y = pr.N * T_;
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  std::vector<float> m(np * Y, NEG_INF), l(np * Y, 0.0f), acc(np * Y * Hv, 0.0f);
+  parallel_for(pool, threads, np, [&](int64_t i) {
+    const Piece& pc = pieces[i];
+    float* mi = &m[i * Y];
+    float* li = &l[i * Y];
+    float* ai = &acc[i * Y * Hv];
+    if (H == 64 && Hv == 64)
+      attend<S, 64, 64>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+    else if (H == 128 && Hv == 128)
+      attend<S, 128, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+    else
+      attend<S, 0, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+  });
+  // 3. merge the pieces of each row; write out (B, T, N, Hv) and lse (B, T, N)
+  std::vector<float> M(Y), D(Y), A(Y * Hv);
+  int64_t i = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(M.begin(), M.end(), NEG_INF);
+    std::fill(D.begin(), D.end(), 0.0f);
+    std::fill(A.begin(), A.end(), 0.0f);
+    for (; i < np && pieces[i].b == b; ++i) {
+      for (int64_t y = 0; y < Y; ++y) {
+        const float mi = m[i * Y + y];
+        if (mi == NEG_INF) continue;
+        const float mn = std::max(M[y], mi);
+        const float a0 = exp_nonpos(M[y] - mn), a1 = exp_nonpos(mi - mn);
+        D[y] = D[y] * a0 + l[i * Y + y] * a1;
+        for (int64_t h = 0; h < Hv; ++h)
+          A[y * Hv + h] = A[y * Hv + h] * a0 + acc[(i * Y + y) * Hv + h] * a1;
+        M[y] = mn;
+      }
+    }
+    for (int64_t n = 0; n < pr.N; ++n)
+      for (int64_t t = 0; t < T_; ++t) {
+        const int64_t y = n * T_ + t;
+        float* o = out + ((b * T_ + t) * pr.N + n) * Hv;
+        const bool any = D[y] > 0.0f;
+        const float inv = any ? 1.0f / D[y] : 0.0f;
+        for (int64_t h = 0; h < Hv; ++h) o[h] = A[y * Hv + h] * inv;
+        lse[(b * T_ + t) * pr.N + n] = any ? M[y] + std::log(D[y]) : NEG_INF;
+      }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error decode_step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_new,
+                       ffi::AnyBuffer v_new, ffi::AnyBuffer k_cache_in, ffi::AnyBuffer v_cache_in,
+                       ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::S32> P,
+                       ffi::Buffer<ffi::S32> P_end, ffi::Result<ffi::AnyBuffer> k_cache,
+                       ffi::Result<ffi::AnyBuffer> v_cache, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, int64_t window_left, int64_t ring,
+                       float soft_cap) {
+  const auto qd = q.dimensions();
+  const auto kd = k_cache->dimensions();
+  const auto vd = v_cache->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("attnjax_decode_cpu: rank-4 operands expected");
+  Problem pr;
+  pr.B = qd[0];
+  pr.T = qd[1];
+  pr.N = qd[2];
+  pr.H = qd[3];
+  pr.L = kd[1];
+  pr.K = kd[2];
+  pr.Hv = vd[3];
+  if (kd[0] != pr.B || kd[3] != pr.H || vd[0] != pr.B || vd[1] != pr.L || vd[2] != pr.K ||
+      pr.K < 1 || pr.N % pr.K != 0)
+    return ffi::Error::InvalidArgument("attnjax_decode_cpu: operand shapes do not match");
+  if (k_cache->untyped_data() != k_cache_in.untyped_data() ||
+      v_cache->untyped_data() != v_cache_in.untyped_data())
+    return ffi::Error::InvalidArgument("attnjax_decode_cpu: cache buffers must be aliased");
+  pr.G = pr.N / pr.K;
+  pr.q = q.typed_data();
+  pr.P = P.typed_data();
+  pr.P_end = P_end.typed_data();
+  pr.window_left = window_left;
+  pr.ring = ring != 0;
+  pr.soft_cap = soft_cap;
+  const auto dt = k_cache->element_type();
+  if (v_cache->element_type() != dt || k_new.element_type() != dt || v_new.element_type() != dt)
+    return ffi::Error::InvalidArgument("attnjax_decode_cpu: cache and new tokens' dtypes differ");
+  ffi::AnyBuffer kcb = *k_cache, vcb = *v_cache;
+  switch (dt) {
+    case ffi::DataType::F32:
+      return run<F32>(pool, pr, k_new, v_new, idx.typed_data(), &kcb, &vcb, out->typed_data(),
+                      lse->typed_data());
+    case ffi::DataType::BF16:
+      return run<BF16>(pool, pr, k_new, v_new, idx.typed_data(), &kcb, &vcb, out->typed_data(),
+                       lse->typed_data());
+    case ffi::DataType::F16:
+      return run<F16>(pool, pr, k_new, v_new, idx.typed_data(), &kcb, &vcb, out->typed_data(),
+                      lse->typed_data());
+    default:
+      return ffi::Error::InvalidArgument("attnjax_decode_cpu: cache dtype must be f32/bf16/f16");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxDecodeCpu, decode_step,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k_new
+                                  .Arg<ffi::AnyBuffer>()         // v_new
+                                  .Arg<ffi::AnyBuffer>()         // k_cache (aliased to ret 0)
+                                  .Arg<ffi::AnyBuffer>()         // v_cache (aliased to ret 1)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx (B, T)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // P (B,)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // P_end (B,)
+                                  .Ret<ffi::AnyBuffer>()         // k_cache
+                                  .Ret<ffi::AnyBuffer>()         // v_cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out (B, T, N, Hv)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse (B, T, N)
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("ring")
+                                  .Attr<float>("soft_cap"));
