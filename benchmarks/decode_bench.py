@@ -8,7 +8,13 @@ configuration this benchmark times, alternately in the same run,
 * the **step**: ``cached_attention`` of ``T`` new tokens (``T = 1`` ordinary decoding, ``T = 4`` a
   speculative step) against a cache holding ``L - T`` tokens, so the step reads all of it; jitted
   with the cache donated (updated in place), the state threaded from step to step as in a
-  generation loop,
+  generation loop; on the CPU by the native kernel when it is available (the header says), and
+* the **xla step**: the same step traced with the native kernel disabled (the pure-JAX path,
+  which every other platform runs), side by side;
+* for caches stored in bfloat16/float16 also the **read**: the same jitted reduction over a
+  float32 array of the cache's byte count (XLA:CPU's reduction of a bfloat16 array is slower
+  than memory, so the floor above overstates the cost of reading those bytes; ``step/read`` is
+  the stricter ratio),
 
 and prints the medians and their ratio (the median over repeats of step / floor timed back to
 back, robust to load that drifts during the run), with the compiled temp memory of the step.
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import KVCache, cached_attention
+from attnjax._src import native
 
 try:  # as part of the package (attnjax.benchmarks) or as a script from benchmarks/
     from .hostinfo import format_host, host_info
@@ -73,16 +80,27 @@ def bench(B: int, K: int, L: int, dtype, T: int, repeats: int, chunk: int | None
 
     step = jax.jit(ours, donate_argnums=3)
     temp = step.lower(q, k, v, cache).compile().memory_analysis().temp_size_in_bytes
-    state = {"cache": cache}
+    xstep = jax.jit(lambda *a: ours(*a), donate_argnums=3)  # traced with the pure-JAX path
+    state = {"cache": cache, "xcache": KVCache(cache.key + 0, cache.value + 0, fill + 0)}
 
     def run_step():
         out, state["cache"] = step(q, k, v, state["cache"])
         jax.block_until_ready(out)
 
+    def run_xla():
+        with native.disabled():
+            out, state["xcache"] = xstep(q, k, v, state["xcache"])
+        jax.block_until_ready(out)
+
     def run_floor():
         jax.block_until_ready(_floor(state["cache"].key, state["cache"].value))
 
-    fns = {"floor": run_floor, "step": run_step}
+    fns = {"floor": run_floor, "step": run_step, "xla": run_xla}
+    narrow = jnp.dtype(dtype).itemsize < 4
+    if narrow:  # the same bytes read as float32
+        words = B * L * K * H * jnp.dtype(dtype).itemsize // 4
+        ka, va = jnp.ones((words,), jnp.float32), jnp.ones((words,), jnp.float32)
+        fns["read"] = lambda: jax.block_until_ready(_floor(ka, va))
     if stock:
         st = {"s": (cache.key + 0, cache.value + 0, jnp.int32(L - T))}
 
@@ -113,8 +131,15 @@ def bench(B: int, K: int, L: int, dtype, T: int, repeats: int, chunk: int | None
         "floor_ms": 1e3 * statistics.median(times["floor"]),
         "step_ms": 1e3 * statistics.median(times["step"]),
         "ratio": statistics.median(s / f for s, f in zip(times["step"], times["floor"], strict=True)),
+        "xla_ms": 1e3 * statistics.median(times["xla"]),
+        "xla_ratio": statistics.median(
+            s / f for s, f in zip(times["xla"], times["floor"], strict=True)),
         "step_temp_MiB": temp / 2**20,
     }
+    if narrow:
+        row["read_ms"] = 1e3 * statistics.median(times["read"])
+        row["read_ratio"] = statistics.median(
+            s / f for s, f in zip(times["step"], times["read"], strict=True))
     if stock:
         row["stock_ms"] = 1e3 * statistics.median(times["stock"])
         row["stock_ratio"] = statistics.median(
@@ -139,11 +164,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     info = host_info()
     print(format_host(info))
+    st = native.status()
+    print(f"native CPU decode kernel: {'on' if st['enabled'] else 'off'} ({st['reason']})")
     print(f"N=8 H=64; step = cached_attention of T new tokens against a full cache, jitted, "
           f"cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
           "interleaved repeats; ratio = median of step/floor timed back to back")
     head = (f"{'B':>2} {'K':>2} {'dtype':>8} {'L':>6} {'T':>2} {'K+V MiB':>8} | "
-            f"{'floor ms':>9} {'step ms':>9} {'ratio':>6} {'temp MiB':>8}")
+            f"{'floor ms':>9} {'step ms':>9} {'ratio':>6} {'temp MiB':>8} | "
+            f"{'xla ms':>8} {'ratio':>6} | {'read ms':>8} {'step/read':>9}")
     if args.stock:
         head += f" | {'stock ms':>9} {'ratio':>6} {'temp MiB':>8}"
     print(head, flush=True)
@@ -159,7 +187,10 @@ def main(argv=None):
                         line = (f"{B:>2} {K:>2} {row['dtype']:>8} {L:>6} {T:>2} "
                                 f"{row['cache_MiB']:>8.0f} | {row['floor_ms']:>9.2f} "
                                 f"{row['step_ms']:>9.2f} {row['ratio']:>6.2f} "
-                                f"{row['step_temp_MiB']:>8.2f}")
+                                f"{row['step_temp_MiB']:>8.2f} | {row['xla_ms']:>8.2f} "
+                                f"{row['xla_ratio']:>6.2f} | ")
+                        line += (f"{row['read_ms']:>8.2f} {row['read_ratio']:>9.2f}"
+                                 if "read_ms" in row else f"{'':>8} {'':>9}")
                         if args.stock:
                             line += (f" | {row['stock_ms']:>9.2f} {row['stock_ratio']:>6.2f} "
                                      f"{row['stock_temp_MiB']:>8.2f}")

@@ -376,3 +376,39 @@ def test_forward_derivative_of_a_step(decode_path, x64):
     assert out.dtype == tan.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(tan), np.asarray(tan_ref), atol=1e-4, rtol=1e-4)
+
+
+def test_without_a_working_compiler_decoding_falls_back_to_the_pure_jax_path(tmp_path):
+    """A host whose compiler fails (here $CXX=false, an empty kernel cache): status() says why, and
+    cached_attention still gives the reference's results, by the pure-JAX path."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, numpy as np, jax, jax.numpy as jnp
+        from attnjax import KVCache, cached_attention
+        from attnjax._src import native
+        q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 2, 4)), jnp.float32)
+        cache = KVCache.create(1, 8, 1, 4)
+        out, cache = jax.jit(cached_attention)(q, q[:, :, :1], q[:, :, :1], cache)
+        print(json.dumps(dict(status=native.status(), out=np.asarray(out).tolist())))
+    """)
+    env = dict(os.environ, CXX="false", ATTNJAX_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    env["PATH"] = "/nonexistent"  # no c++/g++/clang++ either: only $CXX, which fails
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not res["status"]["enabled"]
+    assert "compil" in res["status"]["reason"] or "compiler" in res["status"]["reason"]
+    q = np.random.default_rng(0).standard_normal((1, 5, 2, 4))
+    k = v = q[:, :, :1]
+    s = np.einsum("tnh,sh->nts", q[0], k[0, :, 0]) / 2.0
+    s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("nts,sh->tnh", w / w.sum(-1, keepdims=True), v[0, :, 0])
+    np.testing.assert_allclose(np.asarray(res["out"])[0], ref, atol=1e-5, rtol=1e-5)

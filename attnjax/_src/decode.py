@@ -16,6 +16,14 @@ cache already holds ``P[b] = cache.lengths[b]`` tokens:
 * the write of the new keys/values into the cache (a scatter that XLA performs in place when the
   cache buffer is donated), and ``lengths += query_seq_lengths``.
 
+On the CPU, steps of at most ``NATIVE_MAX_TOKENS`` tokens computed in float32 (float32,
+bfloat16 or float16 caches) without ``mask_mod``/``score_mod`` run the write and the read of the
+cache (the two middle items) in one native kernel instead (``native.py``, ``decode_cpu.cc``: an
+XLA FFI custom call built on first use with the host's C++ compiler), which writes in place and
+reads the cache once, at close to the speed of memory; XLA:CPU's own products, reductions and
+bfloat16 writes over the cache each cost a multiple of that (README, "Decoding"). Everything
+else, and every other platform, takes the pure-JAX path below; both give the same results.
+
 Temporary memory of a step is O(B·C·K·(H + Hv)) for a chunk of keys and values (``C`` = key
 chunk size, about 4 MiB by default), O(B·N·T·C) for its scores, plus O(B·T·N·K·Hv), independent
 of the cache length ``S`` (for bfloat16/float16 caches only in steps of at most 8 tokens,
@@ -493,6 +501,13 @@ def cached_attention(
 
     Returns:
       ``(out, new_cache)``: ``out (B, T, N, Hv)`` in the query dtype, and the updated cache.
+
+    On the CPU, steps of at most 8 tokens computed in float32 (float32/bfloat16/float16 caches,
+    no ``mask_mod``/``score_mod``) run the cache write and read in attnjax's native kernel,
+    compiled on first use with the host's C++ compiler; without one, or with
+    ``ATTNJAX_NATIVE_KERNELS=0``, they take the pure-JAX path (same results, slower). A step is
+    differentiable in forward mode (``jax.jvp``), not in reverse mode: the cache is read by a
+    loop whose trip count depends on the lengths.
 
     Raises:
       ValueError: shape mismatches with the cache (batch, heads, head dims), ``N % K != 0``,

@@ -21,6 +21,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -66,8 +67,24 @@ struct BF16 {
   }
 };
 struct F16 {
-  using T = _Float16;
-  static inline float get(T x) { return static_cast<float>(x); }
+  using T = uint16_t;  // IEEE binary16 bits (no _Float16: GCC < 12 lacks it on x86)
+  static inline float get(T x) {
+    const uint32_t sign = static_cast<uint32_t>(x & 0x8000u) << 16;
+    const uint32_t em = x & 0x7fffu;  // exponent and mantissa
+    uint32_t u;
+    if (em >= 0x7c00u) {  // inf, nan
+      u = sign | 0x7f800000u | ((em & 0x3ffu) << 13);
+    } else if (em >= 0x400u) {  // normal: rebias the exponent by 127 - 15
+      u = sign | ((em << 13) + (112u << 23));
+    } else {  // zero, subnormal: em * 2^-24, exact in float32
+      const float f = static_cast<float>(em) * 5.9604644775390625e-08f;
+      std::memcpy(&u, &f, sizeof(u));
+      u |= sign;
+    }
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
 };
 
 struct Problem {
@@ -106,23 +123,6 @@ inline float hsum(v8 a) {
   const float lo = (a[0] + a[4]) + (a[1] + a[5]);
   const float hi = (a[2] + a[6]) + (a[3] + a[7]);
   return lo + hi;
-}
-
-// out[0..3] = the sums of a0..a3 (one transposing reduction instead of four).
-inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* out) {
-  typedef float v4 __attribute__((vector_size(16)));
-  // pairwise: lanes (0+1, 2+3) of each, interleaved, then the two halves of the vector
-  const v8 t0 = __builtin_shufflevector(a0, a1, 0, 2, 8, 10, 4, 6, 12, 14) +
-                __builtin_shufflevector(a0, a1, 1, 3, 9, 11, 5, 7, 13, 15);
-  const v8 t1 = __builtin_shufflevector(a2, a3, 0, 2, 8, 10, 4, 6, 12, 14) +
-                __builtin_shufflevector(a2, a3, 1, 3, 9, 11, 5, 7, 13, 15);
-  // t0 = [a0(01) a0(23) a1(01) a1(23) | a0(45) a0(67) a1(45) a1(67)], t1 likewise for a2, a3
-  const v8 t2 = __builtin_shufflevector(t0, t1, 0, 2, 8, 10, 4, 6, 12, 14) +
-                __builtin_shufflevector(t0, t1, 1, 3, 9, 11, 5, 7, 13, 15);
-  // t2 = [a0(0-3) a1(0-3) a2(0-3) a3(0-3) | a0(4-7) a1(4-7) a2(4-7) a3(4-7)]
-  const v4 r = __builtin_shufflevector(t2, t2, 0, 1, 2, 3) +
-               __builtin_shufflevector(t2, t2, 4, 5, 6, 7);
-  std::memcpy(out, &r, sizeof(r));
 }
 
 // s[i] = <q, rows[i] + off> for i < C. HD: the head dim when it is a compile-time multiple of 8
@@ -202,6 +202,47 @@ inline void scores_block(const float* qt, const float* const* rows, int64_t N, i
                          int64_t G, int64_t C, float* s) {
   constexpr int V = HD / 8;
   int64_t i = 0;
+  const int64_t GT = G * T;
+  if (GT % 4 == 0) {
+    // four columns of one kv head against two slots: each key vector loaded once for four
+    // columns (the columns of kv head k are y = k*GT .. k*GT + GT - 1)
+    const int64_t K = N / G;
+    for (; i + 2 <= C; i += 2) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float* r0 = rows[i] + k * HD;
+        const float* r1 = rows[i + 1] + k * HD;
+        for (int64_t y = k * GT; y < (k + 1) * GT; y += 4) {
+          const float* q0 = qt + y * HD;
+          v8 a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) {
+            const v8 k0 = ld8(r0 + 8 * v), k1 = ld8(r1 + 8 * v);
+            v8 qv = ld8(q0 + 8 * v);
+            a00 += qv * k0;
+            a01 += qv * k1;
+            qv = ld8(q0 + HD + 8 * v);
+            a10 += qv * k0;
+            a11 += qv * k1;
+            qv = ld8(q0 + 2 * HD + 8 * v);
+            a20 += qv * k0;
+            a21 += qv * k1;
+            qv = ld8(q0 + 3 * HD + 8 * v);
+            a30 += qv * k0;
+            a31 += qv * k1;
+          }
+          float* sy = s + y * BLOCK + i;
+          sy[0] = hsum(a00);
+          sy[1] = hsum(a01);
+          sy[BLOCK] = hsum(a10);
+          sy[BLOCK + 1] = hsum(a11);
+          sy[2 * BLOCK] = hsum(a20);
+          sy[2 * BLOCK + 1] = hsum(a21);
+          sy[3 * BLOCK] = hsum(a30);
+          sy[3 * BLOCK + 1] = hsum(a31);
+        }
+      }
+    }
+  }
   for (; i + 4 <= C; i += 4) {
     for (int64_t n = 0; n < N; ++n) {
       const int64_t off = (n / G) * HD;
@@ -222,7 +263,11 @@ inline void scores_block(const float* qt, const float* const* rows, int64_t N, i
           a2 += qv * ld8(r2 + 8 * v);
           a3 += qv * ld8(r3 + 8 * v);
         }
-        hsum4(a0, a1, a2, a3, s + y * BLOCK + i);
+        float* sy = s + y * BLOCK + i;
+        sy[0] = hsum(a0);
+        sy[1] = hsum(a1);
+        sy[2] = hsum(a2);
+        sy[3] = hsum(a3);
       }
     }
   }
