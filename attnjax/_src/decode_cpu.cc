@@ -125,6 +125,36 @@ inline float hsum(v8 a) {
   return lo + hi;
 }
 
+// The next block's cache rows (raw bytes), prefetched a few rows at a time while this block is
+// computed, so the read of memory overlaps the arithmetic.
+struct Ahead {
+  const char* rows[BLOCK];
+  int64_t n = 0;      // rows in the next block
+  int64_t bytes = 0;  // bytes per row
+};
+
+inline void prefetch_rows(const Ahead& a, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < std::min(i1, a.n); ++i)
+    for (int64_t x = 0; x < a.bytes; x += 64) __builtin_prefetch(a.rows[i] + x);
+}
+
+// max(init, x[0], ..., x[C-1]), eight lanes at a time (a float max loop is not vectorized by
+// compilers without -ffinite-math-only).
+inline float block_max(const float* x, int64_t C, float init) {
+  float mx = init;
+  int64_t i = 0;
+  if (C >= 8) {
+    v8 m = ld8(x);
+    for (i = 8; i + 8 <= C; i += 8) {
+      const v8 b = ld8(x + i);
+      m = m > b ? m : b;
+    }
+    for (int l = 0; l < 8; ++l) mx = std::max(mx, m[l]);
+  }
+  for (; i < C; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
 // s[i] = <q, rows[i] + off> for i < C. HD: the head dim when it is a compile-time multiple of 8
 // (vector code, four slots at a time), or 0 for any H (plain loops).
 template <int HD>
@@ -199,7 +229,7 @@ inline void axpys(float* a, const float* p, const float* const* rows, int64_t of
 // four slots at a time, every head of them, so the block is read in memory order.
 template <int HD>
 inline void scores_block(const float* qt, const float* const* rows, int64_t N, int64_t T,
-                         int64_t G, int64_t C, float* s) {
+                         int64_t G, int64_t C, float* s, const Ahead& ahead) {
   constexpr int V = HD / 8;
   int64_t i = 0;
   const int64_t GT = G * T;
@@ -208,6 +238,7 @@ inline void scores_block(const float* qt, const float* const* rows, int64_t N, i
     // columns (the columns of kv head k are y = k*GT .. k*GT + GT - 1)
     const int64_t K = N / G;
     for (; i + 2 <= C; i += 2) {
+      prefetch_rows(ahead, i, i + 2);
       for (int64_t k = 0; k < K; ++k) {
         const float* r0 = rows[i] + k * HD;
         const float* r1 = rows[i + 1] + k * HD;
@@ -244,6 +275,7 @@ inline void scores_block(const float* qt, const float* const* rows, int64_t N, i
     }
   }
   for (; i + 4 <= C; i += 4) {
+    prefetch_rows(ahead, i, i + 4);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t off = (n / G) * HD;
       const float* r0 = rows[i] + off;
@@ -271,6 +303,7 @@ inline void scores_block(const float* qt, const float* const* rows, int64_t N, i
       }
     }
   }
+  prefetch_rows(ahead, i, BLOCK);
   for (; i < C; ++i)
     for (int64_t y = 0; y < N * T; ++y) dots<HD>(qt + y * HD, rows + i, (y / T / G) * HD, HD, 1,
                                                  s + y * BLOCK + i);
@@ -281,12 +314,13 @@ inline void scores_block(const float* qt, const float* const* rows, int64_t N, i
 // the group's four rows, which its other columns then read again from L1.
 template <int HD>
 inline void values_block(float* acc, const float* p, const float* const* rows, int64_t K,
-                         int64_t G, int64_t T, int64_t C) {
+                         int64_t G, int64_t T, int64_t C, const Ahead& ahead) {
   constexpr int W = HD < 64 ? HD / 8 : 8;
   constexpr int64_t R = 4;
   const int64_t GT = G * T;
   for (int64_t i0 = 0; i0 < C; i0 += R) {
     const int64_t r_end = std::min(C, i0 + R);
+    prefetch_rows(ahead, i0, i0 + R);
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t j = 0; j < GT; ++j) {
         const int64_t y = k * GT + j;
@@ -333,6 +367,15 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
   const int64_t P = pr.P[b];
   for (int64_t pb = p0; pb < p1; pb += BLOCK) {
     const int64_t C = std::min<int64_t>(BLOCK, p1 - pb);
+    Ahead kahead, vahead;
+    kahead.n = vahead.n = std::max<int64_t>(0, std::min<int64_t>(BLOCK, p1 - pb - BLOCK));
+    kahead.bytes = K * H * sizeof(typename S::T);
+    vahead.bytes = K * Hv * sizeof(typename S::T);
+    for (int64_t i = 0; i < kahead.n; ++i) {
+      const int64_t slot = pr.ring ? (pb + BLOCK + i) % pr.L : pb + BLOCK + i;
+      kahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * H);
+      vahead.rows[i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * Hv);
+    }
     for (int64_t i = 0; i < C; ++i) {
       const int64_t slot = pr.ring ? (pb + i) % pr.L : pb + i;
       const typename S::T* kr = kc + (b * pr.L + slot) * K * H;
@@ -346,7 +389,7 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     }
     // scores (slot-major: the block's rows are read in memory order), masked, and the max
     if constexpr (HK > 0) {
-      scores_block<HK>(qt.data(), krow, N, T, G, C, s.data());
+      scores_block<HK>(qt.data(), krow, N, T, G, C, s.data(), kahead);
     } else {
       for (int64_t y = 0; y < Y; ++y)
         dots<0>(&qt[y * H], krow, (y / T / G) * H, H, C, &s[y * BLOCK]);
@@ -358,10 +401,11 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
         if (pr.soft_cap > 0.0f)
           for (int64_t i = 0; i < C; ++i) sy[i] = pr.soft_cap * std::tanh(sy[i] / pr.soft_cap);
         // lowest visible position for the query at P + t
-        const int64_t vis_lo = pr.window_left >= 0 ? P + t - pr.window_left : 0;
-        for (int64_t i = 0; i < C; ++i) sy[i] = pb + i < vis_lo ? NEG_INF : sy[i];
-        float mx = m[y];
-        for (int64_t i = 0; i < C; ++i) mx = std::max(mx, sy[i]);
+        if (pr.window_left >= 0) {
+          const int64_t vis_lo = P + t - pr.window_left;
+          for (int64_t i = 0; i < C; ++i) sy[i] = pb + i < vis_lo ? NEG_INF : sy[i];
+        }
+        const float mx = block_max(sy, C, m[y]);
         if (mx == NEG_INF) {  // nothing visible yet: leave the state as it is
           for (int64_t i = 0; i < C; ++i) sy[i] = 0.0f;
           continue;
@@ -393,7 +437,7 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
       }
     }
     if constexpr (HV > 0) {
-      values_block<HV>(acc, s.data(), vrow, K, G, T, C);
+      values_block<HV>(acc, s.data(), vrow, K, G, T, C, vahead);
     } else {
       for (int64_t y = 0; y < Y; ++y)
         axpys<0>(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
