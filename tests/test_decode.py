@@ -412,3 +412,43 @@ def test_without_a_working_compiler_decoding_falls_back_to_the_pure_jax_path(tmp
     w = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("nts,sh->tnh", w / w.sum(-1, keepdims=True), v[0, :, 0])
     np.testing.assert_allclose(np.asarray(res["out"])[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,k,h,window", [(8, 2, 64, None), (6, 3, 64, 70), (4, 4, 128, None)],
+                         ids=["gqa4-h64", "gqa2-h64-ring", "mha-h128"])
+def test_realistic_head_dims(n, k, h, window, decode_path):
+    """Head dims 64 and 128 (the native kernel's vector code; the other tests use H=8), one query
+    head per kv head and groups of 2 and 4, caches whose length is not a multiple of the
+    kernel's 64-slot blocks, steps of 1 and 4 tokens, ragged rows; against a float64 reference."""
+    b, total = 2, 150
+    r = jax.random.split(jax.random.key(10), 3)
+    q = jax.random.normal(r[0], (b, total, n, h), jnp.float32)
+    kk = jax.random.normal(r[1], (b, total, k, h), jnp.float32)
+    vv = jax.random.normal(r[2], (b, total, k, h), jnp.float32)
+    cache = KVCache.create(b, None if window else 145, k, h, window=window)
+    step = jax.jit(lambda q, k, v, c, m: cached_attention(q, k, v, c, query_seq_lengths=m))
+    schedule = [(8, [8, 5])] + [(1, [1, 1])] * 3 + [(4, [4, 3])] + [(8, [8, 8])] * 15 + \
+        [(1, [1, 1]), (4, [4, 4]), (4, [2, 4])]
+    pos = np.zeros(b, int)
+    qd, kd, vd = (np.asarray(x, np.float64) for x in (q, kk, vv))
+    checked = 0
+    for T, counts in schedule:
+        idx = np.stack([np.minimum(pos[i] + np.arange(T), total - 1) for i in range(b)])
+        rows = np.arange(b)[:, None]
+        out, cache = step(q[rows, idx], kk[rows, idx], vv[rows, idx], cache,
+                          jnp.asarray(counts, jnp.int32))
+        out = np.asarray(out)
+        for i in range(b):
+            for t in range(counts[i]):
+                p = pos[i] + t
+                lo = 0 if window is None else max(0, p - window + 1)
+                s = np.einsum("nh,snh->ns", qd[i, p],
+                              np.repeat(kd[i, lo:p + 1], n // k, axis=1)) / np.sqrt(h)
+                w = np.exp(s - s.max(-1, keepdims=True))
+                ref = np.einsum("ns,snh->nh", w / w.sum(-1, keepdims=True),
+                                np.repeat(vd[i, lo:p + 1], n // k, axis=1))
+                np.testing.assert_allclose(out[i, t], ref, atol=2e-5, rtol=2e-5,
+                                           err_msg=f"row {i} position {p}")
+                checked += 1
+        pos += counts
+    assert pos.max() >= 140 and checked > 200
