@@ -322,7 +322,43 @@ inline void values_block(float* acc, const float* p, const float* const* rows, i
     const int64_t r_end = std::min(C, i0 + R);
     prefetch_rows(ahead, i0, i0 + R);
     for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < GT; ++j) {
+      int64_t j = 0;
+      // four columns at a time, 16 floats of the value row at a time: each value vector is
+      // loaded once for four columns (8 accumulators)
+      for (; j + 4 <= GT && HD % 16 == 0; j += 4) {
+        const int64_t y = k * GT + j;
+        const float* p0 = p + y * BLOCK;
+        for (int h0 = 0; h0 < HD; h0 += 16) {
+          float* a = acc + y * HD + h0;
+          v8 a00 = ld8(a), a01 = ld8(a + 8);
+          v8 a10 = ld8(a + HD), a11 = ld8(a + HD + 8);
+          v8 a20 = ld8(a + 2 * HD), a21 = ld8(a + 2 * HD + 8);
+          v8 a30 = ld8(a + 3 * HD), a31 = ld8(a + 3 * HD + 8);
+          for (int64_t i = i0; i < r_end; ++i) {
+            const float* r = rows[i] + k * HD + h0;
+            const v8 v0 = ld8(r), v1 = ld8(r + 8);
+            const float q0 = p0[i], q1 = p0[BLOCK + i], q2 = p0[2 * BLOCK + i],
+                        q3 = p0[3 * BLOCK + i];
+            a00 += q0 * v0;
+            a01 += q0 * v1;
+            a10 += q1 * v0;
+            a11 += q1 * v1;
+            a20 += q2 * v0;
+            a21 += q2 * v1;
+            a30 += q3 * v0;
+            a31 += q3 * v1;
+          }
+          st8(a, a00);
+          st8(a + 8, a01);
+          st8(a + HD, a10);
+          st8(a + HD + 8, a11);
+          st8(a + 2 * HD, a20);
+          st8(a + 2 * HD + 8, a21);
+          st8(a + 3 * HD, a30);
+          st8(a + 3 * HD + 8, a31);
+        }
+      }
+      for (; j < GT; ++j) {
         const int64_t y = k * GT + j;
         const float* py = p + y * BLOCK;
         for (int h0 = 0; h0 < HD; h0 += 64) {
