@@ -29,6 +29,12 @@ def decode_path(request):
         yield "native"
 
 
+@pytest.fixture
+def xla_decode_path():
+    with native.disabled():
+        yield
+
+
 def test_native_kernel_is_built_where_a_compiler_exists():
     """A host with a C++ compiler must get the native kernel: a broken build fails here rather
     than falling back to the slower path unnoticed."""
@@ -327,11 +333,16 @@ def test_low_precision_cache_step_is_flat_and_in_place(dtype, decode_path):
         assert temps[(16384, B, T)] <= temps[(4096, B, T)] * 1.1 + 65536
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_precision_cache_matches_reference(dtype, decode_path):
+@pytest.mark.parametrize("dtype,path", [(jnp.bfloat16, "native"), (jnp.bfloat16, "xla"),
+                                        (jnp.float16, "native")])
+def test_low_precision_cache_matches_reference(dtype, path, request):
     """bfloat16/float16 caches, float32 queries: single and 4-token steps, ragged rows, a plain
     cache and a ring buffer, against the float64 reference of the stored (rounded) keys and
-    values."""
+    values. (The pure-JAX path treats float16 as it treats bfloat16.)"""
+    if path == "native" and not native.enabled():
+        pytest.skip(f"native decode kernel unavailable: {native.status()['reason']}")
+    if path == "xla":
+        request.getfixturevalue("xla_decode_path")
     q, k, v = _histories(8)
     k, v = k.astype(dtype), v.astype(dtype)  # what the cache stores, exactly
     schedule = [(6, [6, 3, 5]), (1, [1, 1, 1]), (4, [4, 2, 0]), (1, [1, 1, 1]), (4, [4, 4, 4])]
@@ -343,8 +354,9 @@ def test_low_precision_cache_matches_reference(dtype, decode_path):
     _check(got, q, k, v, window=5)
 
 
-def test_forward_derivative_of_a_step(decode_path, x64):
-    """jax.jvp through a decoding step (the native kernel's derivative is the XLA path's) against
+def test_forward_derivative_of_a_step(x64):
+    """jax.jvp through a decoding step (the native kernel's derivative is the XLA path's, so one
+    run with the default path checks both the wiring and the XLA derivative) against
     a float64 dense reference, with tangents on the query, the new key/value and the cache.
     (Reverse mode is not available: the cache is read by a loop with a dynamic trip count.)"""
     r = jax.random.split(jax.random.key(9), 4)
