@@ -7,7 +7,8 @@ the largest absolute differences of the ring's output and gradients from (a) sin
 NumPy reference of ``tests/reference.py``; plus compile-time memory per device and the messages of
 the bad-input checks. The test module makes the assertions.
 
-Usage: ``python tests/_ring_cases.py [cases|memory|errors ...]`` (default: all three).
+Usage: ``python tests/_ring_cases.py [cases|cases=NAME,NAME...|memory|errors ...]`` (default:
+``cases memory errors``; ``cases`` runs every case of :data:`CASES`, ``cases=...`` the named ones).
 """
 
 from __future__ import annotations
@@ -196,9 +197,16 @@ def errors():
 
 def main(argv):
     what = argv or ["cases", "memory", "errors"]
-    result = {"num_devices": jax.device_count()}
-    if "cases" in what:
-        result["cases"] = {c[0]: run_case(*c) for c in CASES}
+    result = {"num_devices": jax.device_count(), "all_cases": [c[0] for c in CASES]}
+    names = [c[0] for c in CASES] if "cases" in what else []
+    for arg in what:
+        if arg.startswith("cases="):
+            names += arg[len("cases="):].split(",")
+    unknown = set(names) - {c[0] for c in CASES}
+    if unknown:
+        raise SystemExit(f"unknown case names {sorted(unknown)}; known: {[c[0] for c in CASES]}")
+    if names:
+        result["cases"] = {c[0]: run_case(*c) for c in CASES if c[0] in names}
     if "memory" in what:
         result["memory"] = memory()
     if "errors" in what:

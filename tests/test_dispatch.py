@@ -207,7 +207,9 @@ def test_cudnn_translate_arguments():
     orig = jax.nn.dot_product_attention
     try:
         jax.nn.dot_product_attention = spy
-        with attnjax.target_platform("cuda"):
+        # disable_jit: an eager call runs under attnjax's internal jit, where the spy would see
+        # tracers (and, on a cache hit, not be called at all).
+        with attnjax.target_platform("cuda"), jax.disable_jit():
             attnjax.dot_product_attention(q, q, q, implementation="cudnn", **call_kw)
     finally:
         jax.nn.dot_product_attention = orig

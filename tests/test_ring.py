@@ -2,7 +2,9 @@
 
 The multi-device checks run in a subprocess (``tests/_ring_cases.py``) with 8 simulated CPU devices
 (``--xla_force_host_platform_device_count=8``), so that the rest of the suite keeps its single
-device. That script only computes; the assertions are here.
+device. That script only computes; the assertions are here. By default it runs a sample of its
+cases that covers every behaviour class (:data:`DEFAULT_CASES`); ``--run-slow`` adds the rest in
+a second subprocess.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ EXPECTED_CASES = {
     "window_contig_p8", "window_causal_zigzag_p4", "segments_causal_zigzag_p4",
     "mqa_lengths_offset_softcap_p4", "mesh2x4_batch_causal_zigzag", "mesh2x4_heads_segments",
 }
+# The cases of tests/_ring_cases.py run by default: every behaviour class at least once (both
+# layouts, causal and not, P = 2, 4, 8, both 2-d meshes, window, segments, lengths, offset,
+# soft cap, GQA and MQA, T != S). The rest (the same classes in other combinations) run with
+# --run-slow, in a second subprocess.
+DEFAULT_CASES = {
+    "causal_contig_p4",  # contiguous, causal, P = 4
+    "window_contig_p8",  # contiguous, not causal, window, P = 8
+    "causal_zigzag_p2",  # zigzag, causal, P = 2
+    "mqa_lengths_offset_softcap_p4",  # zigzag, MQA, T != S, lengths, offset, soft cap
+    "mesh2x4_batch_causal_zigzag",  # batch axis on a 2-d mesh
+    "mesh2x4_heads_segments",  # head axis on a 2-d mesh, segments
+}
+SLOW_CASES = EXPECTED_CASES - DEFAULT_CASES
 
 
 def _env():
@@ -43,10 +58,9 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module")
-def ring_results():
+def _run_ring_script(*args):
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "_ring_cases.py")],
+        [sys.executable, os.path.join(ROOT, "tests", "_ring_cases.py"), *args],
         capture_output=True, text=True, timeout=400, env=_env(), cwd=ROOT,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RING_RESULT ")]
@@ -56,18 +70,37 @@ def ring_results():
     return json.loads(lines[-1][len("RING_RESULT "):])
 
 
+@pytest.fixture(scope="module")
+def ring_results():
+    return _run_ring_script("cases=" + ",".join(sorted(DEFAULT_CASES)), "memory", "errors")
+
+
+@pytest.fixture(scope="module")
+def ring_slow_results():
+    return _run_ring_script("cases=" + ",".join(sorted(SLOW_CASES)))
+
+
 def test_runs_on_eight_devices(ring_results):
     assert ring_results["num_devices"] == 8
 
 
 def test_all_cases_present(ring_results):
-    assert set(ring_results["cases"]) == EXPECTED_CASES
+    assert set(ring_results["all_cases"]) == EXPECTED_CASES
+    assert set(ring_results["cases"]) == DEFAULT_CASES
 
 
+@pytest.mark.slow
+def test_all_slow_cases_present(ring_slow_results):
+    assert ring_slow_results["num_devices"] == 8
+    assert set(ring_slow_results["cases"]) == SLOW_CASES
+
+
+@pytest.mark.parametrize("which", ["default", pytest.param("slow", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reference", ["vs_xla_chunked", "vs_float64"])
-def test_outputs_and_gradients_match(ring_results, reference):
+def test_outputs_and_gradients_match(request, which, reference):
+    results = request.getfixturevalue("ring_results" if which == "default" else "ring_slow_results")
     bad = {}
-    for name, res in ring_results["cases"].items():
+    for name, res in results["cases"].items():
         # The compared values are not trivially small, so a zero/garbage result would fail.
         assert res["out_abs_max"] > 0.5 and res["grad_abs_max"] > 0.5, name
         errs = res[reference]

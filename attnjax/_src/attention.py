@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -452,16 +453,81 @@ def dot_product_attention(
     )
     if not impl.forward_mode:
         _reject_forward_mode(impl.name, query, key, value, bias, logits_soft_cap)
+    # Every check has passed: what is left is array computation. Called eagerly, it runs as one
+    # compiled program (see _eager_settings); under a user's jit or vmap it is traced inline.
+    post = (bool(unbatched), bool(return_residual))
+    settings = _eager_settings(call, sinks)
+    if settings is None:
+        return _compute(impl, call, sinks, post)
+    dynamic = {name: getattr(call, name) for name in _DYNAMIC_FIELDS}
+    return _compute_jit(dynamic, sinks, impl=impl, settings=settings, post=post)
+
+
+# The fields of registry.Call that are arrays (or pytrees of arrays: ``info``, a MaskInfo whose
+# static fields are the mask settings); every other field is a static setting.
+_DYNAMIC_FIELDS = ("query", "key", "value", "bias", "mask", "q_lengths", "kv_lengths",
+                   "q_segment_ids", "kv_segment_ids", "offset", "info", "seed")
+
+
+def _compute(impl, call: registry.Call, sinks, post: tuple[bool, bool]):
+    """The array computation of a checked call: the implementation, sinks, unbatching."""
+    unbatched, return_residual = post
     out, lse = impl(call)
     if sinks is not None:
         out, lse = flex.apply_sinks(out, lse, sinks)
-    chex.assert_shape(out, (B, T, N, value.shape[3]))
+    B, T, N = call.query.shape[:3]
+    chex.assert_shape(out, (B, T, N, call.value.shape[3]))
     chex.assert_shape(lse, (B, T, N))
     if unbatched:
         out, lse = out[0], lse[0]
     if return_residual:
         return out, lse.astype(out.dtype)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "settings", "post"))
+def _compute_jit(dynamic, sinks, *, impl, settings, post):
+    return _compute(impl, registry.Call(**dynamic, **dict(settings)), sinks, post)
+
+
+def _eager_settings(call: registry.Call, sinks) -> tuple | None:
+    """The static settings of ``call`` (a hashable tuple) when it may run under an internal
+    ``jax.jit``, else ``None``.
+
+    An eager call would otherwise dispatch (and compile) each of its many operations one by one;
+    as one jitted program it compiles once per shape and setting. It is used only when that
+    changes nothing but speed:
+
+    * no input is traced by a staging transformation (the caller's ``jit``, ``eval_shape``, a
+      ``vmap``): there the computation is traced into the caller's program as before. Inputs
+      traced by reverse-mode autodiff over concrete values (eager ``jax.grad``/``jax.vjp``) are
+      fine: JAX differentiates a jitted function like any other;
+    * no ``mask_mod``/``score_mod``/``block_mask`` and no array ``logits_soft_cap`` (it is
+      differentiated or traced): the callables would be part of the cache key, hashed by
+      identity, so a closure created afresh for every call would recompile every call;
+    * every static setting is hashable (``precision``, the caller's ``chunk_size``);
+    * ``jax_debug_nans``/``jax_debug_infs`` are off: eagerly, they check every operation's
+      result (a jitted program only has its outputs checked).
+    """
+    if call.features.flex or call.features.soft_cap_traced:
+        return None
+    if jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+        return None
+    leaves = jax.tree_util.tree_leaves(([getattr(call, name) for name in _DYNAMIC_FIELDS], sinks))
+    try:
+        from jax._src import core as jax_core  # noqa: PLC0415
+
+        if jax_core.unsafe_am_i_under_a_jit() or not all(map(jax_core.is_concrete, leaves)):
+            return None
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the jax version
+        return None
+    settings = tuple((f.name, getattr(call, f.name)) for f in dataclasses.fields(call)
+                     if f.name not in _DYNAMIC_FIELDS)
+    try:
+        hash(settings)
+    except TypeError:
+        return None
+    return settings
 
 
 _explain_state = threading.local()
