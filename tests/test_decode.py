@@ -15,12 +15,29 @@ B, N, K, H = 3, 4, 2, 8
 TOTAL = 24
 
 
+# The pure-JAX variants run by default for these tests; the others with --run-slow (the default
+# run still takes the pure-JAX path through ragged rows, multi-token steps, windows, soft caps and
+# ring buffers in test_flat_and_per_head_reads_of_the_cache, and in x64 and flex tests).
+XLA_BY_DEFAULT = {
+    "test_prefill_then_single_steps[xla-5-3]", "test_sliding_window_ring_buffer[xla-7]",
+    "test_matches_full_forward_of_core_bf16_cache[xla]", "test_realistic_head_dims[xla-gqa4-h64]",
+    "test_step_memory_is_flat_and_cache_updated_in_place[xla-None]",
+    "test_step_memory_is_flat_and_cache_updated_in_place[xla-4096]",
+    "test_low_precision_cache_step_is_flat_and_in_place[xla-bfloat16]",
+    "test_low_precision_cache_step_is_flat_and_in_place[xla-float16]",
+    "test_multi_query_cache_single_kv_head[xla]",
+}
+
+
 @pytest.fixture(params=["native", "xla"])
 def decode_path(request):
     """Each test twice: steps by the native CPU kernel (where it serves them: float32 compute,
-    T <= 8, no mods), and all in XLA. Functions are traced inside the fixture, so the choice
-    applies (every test jits a fresh function)."""
+    T <= 8, no mods), and all in XLA (a sample by default, see XLA_BY_DEFAULT). Functions are
+    traced inside the fixture, so the choice applies (every test jits a fresh function)."""
     if request.param == "xla":
+        if (request.node.name not in XLA_BY_DEFAULT
+                and not request.config.getoption("--run-slow")):
+            pytest.skip("slow: the pure-JAX variant runs with --run-slow")
         with native.disabled():
             yield "xla"
     else:
