@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -40,6 +41,7 @@ _FLAG_SETS = (
 _COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
                  "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
 
+_log = logging.getLogger("attnjax")
 _lock = threading.Lock()
 _state: dict = {}
 _local = threading.local()
@@ -91,6 +93,7 @@ def _build() -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    _log.info("attnjax: compiling the native CPU decode kernel into %s (once per host)", out)
     errors = []
     for flags in _FLAG_SETS:
         # build under a temporary name, then rename: concurrent builders never see a partial file
