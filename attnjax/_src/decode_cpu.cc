@@ -30,7 +30,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t BLOCK = 64;  // cache slots per block (scores and probabilities on the stack)
+constexpr int64_t BLOCK = 64;  // cache slots per block (its scores: N·T·BLOCK floats, in L1/L2)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 0 (what online softmax needs), written so that compilers vectorize it:
