@@ -197,7 +197,7 @@ def main(argv=None):
                         print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"host": info, "rows": rows}, f, indent=1)
+            json.dump({"host": info, "native_kernel": st, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
