@@ -204,7 +204,12 @@ def test_matches_dense_float64_reference(case, impl, x64):
     argnums = (0, 1, 2, 3) + ((4,) if case.sinks else ())
     want = reference_grads(case, argnums)
     lib = _library(case, IMPLS[impl], impl == "chunked_block_mask")
-    got = _grads(lib, _inputs(case, np.float32), argnums)
+    assert_matches_reference(case, _grads(lib, _inputs(case, np.float32), argnums), want)
+
+
+def assert_matches_reference(case, got, want):
+    """``got = (out, lse, grads)`` of an implementation against ``want``, the float64
+    reference's (:func:`reference_grads`); also run for pallas_gpu (tests/test_pallas_gpu.py)."""
     out, lse = np.asarray(got[0], np.float64), np.asarray(got[1], np.float64)
     np.testing.assert_allclose(out, np.asarray(want[0]), atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(np.asarray(want[1])))

@@ -402,9 +402,8 @@ def _native_reason(cdt, cache: KVCache, T: int, hook, logits_soft_cap) -> str | 
         return "mask_mod/score_mod"
     if logits_soft_cap is not None and not isinstance(logits_soft_cap, int | float):
         return "a traced or array logits_soft_cap"
-    if not native.enabled():
-        return native.status()["reason"]
-    return None
+    st = native.status()
+    return None if st["enabled"] else st["reason"]
 
 
 def _xla_write_attend(qs, key, value, key_cache, value_cache, idx, P, P_end, window_left, ring,

@@ -380,6 +380,26 @@ inline void values_block(float* acc, const float* p, const float* const* rows, i
   }
 }
 
+// The cache slot of position p (a ring buffer keeps position p in slot p % L).
+inline int64_t slot_of(const Problem& pr, int64_t p) { return pr.ring ? p % pr.L : p; }
+
+// Row pointers (float32) of the block's C positions pb.. in one cache buffer of `width` values
+// per slot: the cache rows themselves for float32, else their conversion into `buf`.
+template <typename S>
+inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b, int64_t pb,
+                       int64_t C, int64_t width, float* buf, const float** rows) {
+  for (int64_t i = 0; i < C; ++i) {
+    const typename S::T* r = cache + (b * pr.L + slot_of(pr, pb + i)) * width;
+    if constexpr (std::is_same_v<S, F32>) {
+      rows[i] = r;
+    } else {
+      float* dst = buf + i * width;
+      for (int64_t x = 0; x < width; ++x) dst[x] = S::get(r[x]);
+      rows[i] = dst;
+    }
+  }
+}
+
 // Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
 // (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :].
 template <typename S, int HK, int HV>
@@ -408,21 +428,11 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     kahead.bytes = K * H * sizeof(typename S::T);
     vahead.bytes = K * Hv * sizeof(typename S::T);
     for (int64_t i = 0; i < kahead.n; ++i) {
-      const int64_t slot = pr.ring ? (pb + BLOCK + i) % pr.L : pb + BLOCK + i;
+      const int64_t slot = slot_of(pr, pb + BLOCK + i);
       kahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * H);
       vahead.rows[i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * Hv);
     }
-    for (int64_t i = 0; i < C; ++i) {
-      const int64_t slot = pr.ring ? (pb + i) % pr.L : pb + i;
-      const typename S::T* kr = kc + (b * pr.L + slot) * K * H;
-      if constexpr (narrow) {
-        float* dst = &kbuf[i * K * H];
-        for (int64_t x = 0; x < K * H; ++x) dst[x] = S::get(kr[x]);
-        krow[i] = dst;
-      } else {
-        krow[i] = kr;
-      }
-    }
+    block_rows<S>(pr, kc, b, pb, C, K * H, kbuf.data(), krow);
     // scores (slot-major: the block's rows are read in memory order), masked, and the max
     if constexpr (HK > 0) {
       scores_block<HK>(qt.data(), krow, N, T, G, C, s.data(), kahead);
@@ -461,17 +471,7 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
         }
       }
     }
-    for (int64_t i = 0; i < C; ++i) {
-      const int64_t slot = pr.ring ? (pb + i) % pr.L : pb + i;
-      const typename S::T* vr = vc + (b * pr.L + slot) * K * Hv;
-      if constexpr (narrow) {
-        float* dst = &vbuf[i * K * Hv];
-        for (int64_t x = 0; x < K * Hv; ++x) dst[x] = S::get(vr[x]);
-        vrow[i] = dst;
-      } else {
-        vrow[i] = vr;
-      }
-    }
+    block_rows<S>(pr, vc, b, pb, C, K * Hv, vbuf.data(), vrow);
     if constexpr (HV > 0) {
       values_block<HV>(acc, s.data(), vrow, K, G, T, C, vahead);
     } else {

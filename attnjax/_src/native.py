@@ -128,23 +128,20 @@ def _load() -> tuple[bool, str]:
         return _state["ok"], _state["reason"]
 
 
-def enabled() -> bool:
-    """Whether decoding on the CPU may use the native kernel (builds it on first call)."""
-    if getattr(_local, "disabled", False):
-        return False
-    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return _load()[0]
-
-
 def status() -> dict:
-    """``{"enabled": bool, "reason": str}``: whether the native decode kernel is in use, and why."""
+    """``{"enabled": bool, "reason": str}``: whether the native decode kernel is in use, and why
+    (builds it on first call)."""
     if getattr(_local, "disabled", False):
         return dict(enabled=False, reason="disabled by attnjax._src.native.disabled()")
     if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return dict(enabled=False, reason=f"{_ENV_SWITCH}={os.environ[_ENV_SWITCH]}")
     ok, reason = _load()
     return dict(enabled=ok, reason=reason)
+
+
+def enabled() -> bool:
+    """Whether decoding on the CPU may use the native kernel (builds it on first call)."""
+    return status()["enabled"]
 
 
 class disabled:
