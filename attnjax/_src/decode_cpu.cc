@@ -24,6 +24,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -119,6 +123,30 @@ inline v8 ld8(const float* p) {
   return r;
 }
 inline void st8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// exp_nonpos on eight lanes: the same range reduction and polynomial (n = round(x / ln 2) as
+// -trunc(0.5 - x / ln 2), exact for x <= 0, as vector floor is not portable and the build's
+// -fassociative-math would fold the 1.5 * 2^23 rounding trick away).
+inline v8 exp8_nonpos(v8 x) {
+  const v8 lo = v8{} - 87.0f;
+  const v8 xc = x < lo ? lo : x;
+  const v8i ni = -__builtin_convertvector(0.5f - xc * 1.44269504f, v8i);
+  const v8 n = __builtin_convertvector(ni, v8);
+  const v8 r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  v8 p = v8{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v8i bits = (ni + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? v8{} : p * scale;
+}
+
 inline float hsum(v8 a) {
   const float lo = (a[0] + a[4]) + (a[1] + a[5]);
   const float hi = (a[2] + a[6]) + (a[3] + a[7]);
@@ -225,156 +253,188 @@ inline void axpys(float* a, const float* p, const float* const* rows, int64_t of
   }
 }
 
-// s[y * BLOCK + i] = <q[y], K row i, head y / (T G)> for all columns y = (n, t), slot-major:
-// four slots at a time, every head of them, so the block is read in memory order.
-template <int HD>
-inline void scores_block(const float* qt, const float* const* rows, int64_t N, int64_t T,
-                         int64_t G, int64_t C, float* s, const Ahead& ahead) {
+// Eight values of a cache row as float32, converted in registers: R is the storage type the
+// kernels read (F32, BF16, or F16 where the CPU has F16C; see Direct).
+template <typename R>
+inline v8 load8(const typename R::T* p) {
+  if constexpr (std::is_same_v<R, F32>) {
+    return ld8(p);
+  } else if constexpr (std::is_same_v<R, BF16>) {
+    typedef uint16_t v8h __attribute__((vector_size(16)));
+    typedef uint32_t v8u __attribute__((vector_size(32)));
+    v8h h;
+    std::memcpy(&h, p, sizeof(h));
+    const v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8 f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+#if defined(__F16C__)
+    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    v8 r;
+    std::memcpy(&r, &f, sizeof(r));
+    return r;
+#else
+    static_assert(sizeof(R) == 0, "float16 rows are converted into a buffer without F16C");
+    return v8{};
+#endif
+  }
+}
+
+// Whether the kernels read storage type S directly (else block_rows converts into float32).
+template <typename S>
+constexpr bool direct() {
+#if defined(__F16C__)
+  return true;
+#else
+  return !std::is_same_v<S, F16>;
+#endif
+}
+
+// {hsum(a0), hsum(a1), hsum(a2), hsum(a3)} stored at s[0..3].
+inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* s) {
+#if defined(__AVX__)
+  __m256 x0, x1, x2, x3;
+  std::memcpy(&x0, &a0, 32);
+  std::memcpy(&x1, &a1, 32);
+  std::memcpy(&x2, &a2, 32);
+  std::memcpy(&x3, &a3, 32);
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(x0, x1), _mm256_hadd_ps(x2, x3));
+  _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+  s[0] = hsum(a0);
+  s[1] = hsum(a1);
+  s[2] = hsum(a2);
+  s[3] = hsum(a3);
+#endif
+}
+
+// s[y * BLOCK + i] = <q[y], K row i, head y / (T G)> for all columns y = (n, t). Per kv head k
+// (columns k*GT .. k*GT + GT - 1, GT = G*T), tiles of NC columns × 4 slots (NC = 2 when GT > 1,
+// each key vector loaded once for both columns; 1 × 8 slots when GT = 1), the tile's sums
+// reduced four at a time.
+template <int HD, typename R>
+inline void scores_block(const float* qt, const typename R::T* const* rows, int64_t K, int64_t GT,
+                         int64_t C, float* s, const Ahead& ahead) {
   constexpr int V = HD / 8;
   int64_t i = 0;
-  const int64_t GT = G * T;
-  if (GT % 4 == 0) {
-    // four columns of one kv head against two slots: each key vector loaded once for four
-    // columns (the columns of kv head k are y = k*GT .. k*GT + GT - 1)
-    const int64_t K = N / G;
-    for (; i + 2 <= C; i += 2) {
-      prefetch_rows(ahead, i, i + 2);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* r0 = rows[i] + k * HD;
-        const float* r1 = rows[i + 1] + k * HD;
-        for (int64_t y = k * GT; y < (k + 1) * GT; y += 4) {
-          const float* q0 = qt + y * HD;
-          v8 a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+  for (; i + 8 <= C; i += 8) {
+    prefetch_rows(ahead, i, i + 8);
+    for (int64_t k = 0; k < K; ++k) {
+      const typename R::T* r[8];
+      for (int x = 0; x < 8; ++x) r[x] = rows[i + x] + k * HD;
+      int64_t y = k * GT;
+      const int64_t y_end = y + GT;
+      for (; y + 2 <= y_end; y += 2) {
+        const float* q0 = qt + y * HD;
+        const float* q1 = q0 + HD;
+        for (int half = 0; half < 8; half += 4) {
+          v8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
 #pragma GCC unroll 16
           for (int v = 0; v < V; ++v) {
-            const v8 k0 = ld8(r0 + 8 * v), k1 = ld8(r1 + 8 * v);
-            v8 qv = ld8(q0 + 8 * v);
-            a00 += qv * k0;
-            a01 += qv * k1;
-            qv = ld8(q0 + HD + 8 * v);
-            a10 += qv * k0;
-            a11 += qv * k1;
-            qv = ld8(q0 + 2 * HD + 8 * v);
-            a20 += qv * k0;
-            a21 += qv * k1;
-            qv = ld8(q0 + 3 * HD + 8 * v);
-            a30 += qv * k0;
-            a31 += qv * k1;
+            const v8 qa = ld8(q0 + 8 * v), qb = ld8(q1 + 8 * v);
+            v8 kv = load8<R>(r[half] + 8 * v);
+            a0 += qa * kv;
+            b0 += qb * kv;
+            kv = load8<R>(r[half + 1] + 8 * v);
+            a1 += qa * kv;
+            b1 += qb * kv;
+            kv = load8<R>(r[half + 2] + 8 * v);
+            a2 += qa * kv;
+            b2 += qb * kv;
+            kv = load8<R>(r[half + 3] + 8 * v);
+            a3 += qa * kv;
+            b3 += qb * kv;
           }
-          float* sy = s + y * BLOCK + i;
-          sy[0] = hsum(a00);
-          sy[1] = hsum(a01);
-          sy[BLOCK] = hsum(a10);
-          sy[BLOCK + 1] = hsum(a11);
-          sy[2 * BLOCK] = hsum(a20);
-          sy[2 * BLOCK + 1] = hsum(a21);
-          sy[3 * BLOCK] = hsum(a30);
-          sy[3 * BLOCK + 1] = hsum(a31);
+          hsum4(a0, a1, a2, a3, s + y * BLOCK + i + half);
+          hsum4(b0, b1, b2, b3, s + (y + 1) * BLOCK + i + half);
         }
       }
-    }
-  }
-  for (; i + 4 <= C; i += 4) {
-    prefetch_rows(ahead, i, i + 4);
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t off = (n / G) * HD;
-      const float* r0 = rows[i] + off;
-      const float* r1 = rows[i + 1] + off;
-      const float* r2 = rows[i + 2] + off;
-      const float* r3 = rows[i + 3] + off;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t y = n * T + t;
-        const float* q = qt + y * HD;
-        v8 qv = ld8(q);
-        v8 a0 = qv * ld8(r0), a1 = qv * ld8(r1), a2 = qv * ld8(r2), a3 = qv * ld8(r3);
+      if (y < y_end) {  // one column, eight slots
+        const float* q0 = qt + y * HD;
+        v8 a[8] = {};
 #pragma GCC unroll 16
-        for (int v = 1; v < V; ++v) {
-          qv = ld8(q + 8 * v);
-          a0 += qv * ld8(r0 + 8 * v);
-          a1 += qv * ld8(r1 + 8 * v);
-          a2 += qv * ld8(r2 + 8 * v);
-          a3 += qv * ld8(r3 + 8 * v);
+        for (int v = 0; v < V; ++v) {
+          const v8 qa = ld8(q0 + 8 * v);
+#pragma GCC unroll 8
+          for (int x = 0; x < 8; ++x) a[x] += qa * load8<R>(r[x] + 8 * v);
         }
-        float* sy = s + y * BLOCK + i;
-        sy[0] = hsum(a0);
-        sy[1] = hsum(a1);
-        sy[2] = hsum(a2);
-        sy[3] = hsum(a3);
+        hsum4(a[0], a[1], a[2], a[3], s + y * BLOCK + i);
+        hsum4(a[4], a[5], a[6], a[7], s + y * BLOCK + i + 4);
       }
     }
   }
   prefetch_rows(ahead, i, BLOCK);
   for (; i < C; ++i)
-    for (int64_t y = 0; y < N * T; ++y) dots<HD>(qt + y * HD, rows + i, (y / T / G) * HD, HD, 1,
-                                                 s + y * BLOCK + i);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t y = k * GT; y < (k + 1) * GT; ++y) {
+        const float* q0 = qt + y * HD;
+        const typename R::T* r = rows[i] + k * HD;
+        v8 a{};
+        for (int v = 0; v < V; ++v) a += ld8(q0 + 8 * v) * load8<R>(r + 8 * v);
+        s[y * BLOCK + i] = hsum(a);
+      }
 }
 
-// acc[y] += sum_i p[y * BLOCK + i] * (V row i, head y / (T G)), in groups of four slots read
-// in memory order: each column's accumulator (64 floats at a time) is held in registers over
-// the group's four rows, which its other columns then read again from L1.
-template <int HD>
-inline void values_block(float* acc, const float* p, const float* const* rows, int64_t K,
-                         int64_t G, int64_t T, int64_t C, const Ahead& ahead) {
+// acc[y] += sum_i p[y * BLOCK + i] * (V row i, head y / (T G)). Per kv head, four columns ×
+// 16 values at a time (each value vector loaded once for four columns), or one column × 64
+// values, the accumulators held in registers over the whole block.
+template <int HD, typename R>
+inline void values_block(float* acc, const float* p, const typename R::T* const* rows, int64_t K,
+                         int64_t GT, int64_t C, const Ahead& ahead) {
   constexpr int W = HD < 64 ? HD / 8 : 8;
-  constexpr int64_t R = 4;
-  const int64_t GT = G * T;
-  for (int64_t i0 = 0; i0 < C; i0 += R) {
-    const int64_t r_end = std::min(C, i0 + R);
-    prefetch_rows(ahead, i0, i0 + R);
-    for (int64_t k = 0; k < K; ++k) {
-      int64_t j = 0;
-      // four columns at a time, 16 floats of the value row at a time: each value vector is
-      // loaded once for four columns (8 accumulators)
-      for (; j + 4 <= GT && HD % 16 == 0; j += 4) {
-        const int64_t y = k * GT + j;
-        const float* p0 = p + y * BLOCK;
-        for (int h0 = 0; h0 < HD; h0 += 16) {
-          float* a = acc + y * HD + h0;
-          v8 a00 = ld8(a), a01 = ld8(a + 8);
-          v8 a10 = ld8(a + HD), a11 = ld8(a + HD + 8);
-          v8 a20 = ld8(a + 2 * HD), a21 = ld8(a + 2 * HD + 8);
-          v8 a30 = ld8(a + 3 * HD), a31 = ld8(a + 3 * HD + 8);
-          for (int64_t i = i0; i < r_end; ++i) {
-            const float* r = rows[i] + k * HD + h0;
-            const v8 v0 = ld8(r), v1 = ld8(r + 8);
-            const float q0 = p0[i], q1 = p0[BLOCK + i], q2 = p0[2 * BLOCK + i],
-                        q3 = p0[3 * BLOCK + i];
-            a00 += q0 * v0;
-            a01 += q0 * v1;
-            a10 += q1 * v0;
-            a11 += q1 * v1;
-            a20 += q2 * v0;
-            a21 += q2 * v1;
-            a30 += q3 * v0;
-            a31 += q3 * v1;
-          }
-          st8(a, a00);
-          st8(a + 8, a01);
-          st8(a + HD, a10);
-          st8(a + HD + 8, a11);
-          st8(a + 2 * HD, a20);
-          st8(a + 2 * HD + 8, a21);
-          st8(a + 3 * HD, a30);
-          st8(a + 3 * HD + 8, a31);
+  prefetch_rows(ahead, 0, BLOCK);
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t j = 0;
+    for (; j + 4 <= GT && HD % 16 == 0; j += 4) {
+      const int64_t y = k * GT + j;
+      const float* p0 = p + y * BLOCK;
+      for (int h0 = 0; h0 < HD; h0 += 16) {
+        float* a = acc + y * HD + h0;
+        v8 a00 = ld8(a), a01 = ld8(a + 8);
+        v8 a10 = ld8(a + HD), a11 = ld8(a + HD + 8);
+        v8 a20 = ld8(a + 2 * HD), a21 = ld8(a + 2 * HD + 8);
+        v8 a30 = ld8(a + 3 * HD), a31 = ld8(a + 3 * HD + 8);
+        for (int64_t i = 0; i < C; ++i) {
+          const typename R::T* r = rows[i] + k * HD + h0;
+          const v8 v0 = load8<R>(r), v1 = load8<R>(r + 8);
+          const float q0 = p0[i], q1 = p0[BLOCK + i], q2 = p0[2 * BLOCK + i],
+                      q3 = p0[3 * BLOCK + i];
+          a00 += q0 * v0;
+          a01 += q0 * v1;
+          a10 += q1 * v0;
+          a11 += q1 * v1;
+          a20 += q2 * v0;
+          a21 += q2 * v1;
+          a30 += q3 * v0;
+          a31 += q3 * v1;
         }
+        st8(a, a00);
+        st8(a + 8, a01);
+        st8(a + HD, a10);
+        st8(a + HD + 8, a11);
+        st8(a + 2 * HD, a20);
+        st8(a + 2 * HD + 8, a21);
+        st8(a + 3 * HD, a30);
+        st8(a + 3 * HD + 8, a31);
       }
-      for (; j < GT; ++j) {
-        const int64_t y = k * GT + j;
-        const float* py = p + y * BLOCK;
-        for (int h0 = 0; h0 < HD; h0 += 64) {
-          float* a = acc + y * HD + h0;
-          v8 av[W];
+    }
+    for (; j < GT; ++j) {
+      const int64_t y = k * GT + j;
+      const float* py = p + y * BLOCK;
+      for (int h0 = 0; h0 < HD; h0 += 64) {
+        float* a = acc + y * HD + h0;
+        v8 av[W];
 #pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
-          for (int64_t i = i0; i < r_end; ++i) {
-            const float* r = rows[i] + k * HD + h0;
-            const float pi = py[i];
+        for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
+        for (int64_t i = 0; i < C; ++i) {
+          const typename R::T* r = rows[i] + k * HD + h0;
+          const float pi = py[i];
 #pragma GCC unroll 8
-            for (int v = 0; v < W; ++v) av[v] += pi * ld8(r + 8 * v);
-          }
-#pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
+          for (int v = 0; v < W; ++v) av[v] += pi * load8<R>(r + 8 * v);
         }
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
       }
     }
   }
@@ -383,14 +443,15 @@ inline void values_block(float* acc, const float* p, const float* const* rows, i
 // The cache slot of position p (a ring buffer keeps position p in slot p % L).
 inline int64_t slot_of(const Problem& pr, int64_t p) { return pr.ring ? p % pr.L : p; }
 
-// Row pointers (float32) of the block's C positions pb.. in one cache buffer of `width` values
-// per slot: the cache rows themselves for float32, else their conversion into `buf`.
-template <typename S>
+// Row pointers (storage type R) of the block's C positions pb.. in one cache buffer of `width`
+// values per slot: the cache rows themselves when R is the storage type S, else their
+// conversion to float32 in `buf`.
+template <typename S, typename R>
 inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b, int64_t pb,
-                       int64_t C, int64_t width, float* buf, const float** rows) {
+                       int64_t C, int64_t width, float* buf, const typename R::T** rows) {
   for (int64_t i = 0; i < C; ++i) {
     const typename S::T* r = cache + (b * pr.L + slot_of(pr, pb + i)) * width;
-    if constexpr (std::is_same_v<S, F32>) {
+    if constexpr (std::is_same_v<S, R>) {
       rows[i] = r;
     } else {
       float* dst = buf + i * width;
@@ -412,14 +473,15 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     for (int64_t t = 0; t < T; ++t)
       std::memcpy(&qt[(n * T + t) * H], pr.q + ((b * T + t) * N + n) * H, H * sizeof(float));
   std::vector<float> s(Y * BLOCK);
+  // the storage type the kernels read: the cache's own, or float32 converted block by block
+  using R = std::conditional_t<(HK > 0 && direct<S>()), S, F32>;
   std::vector<float> kbuf, vbuf;
-  constexpr bool narrow = !std::is_same_v<S, F32>;
-  if (narrow) {
+  if constexpr (!std::is_same_v<S, R>) {
     kbuf.resize(BLOCK * K * H);
     vbuf.resize(BLOCK * K * Hv);
   }
-  const float* krow[BLOCK];
-  const float* vrow[BLOCK];
+  const typename R::T* krow[BLOCK];
+  const typename R::T* vrow[BLOCK];
   const int64_t P = pr.P[b];
   for (int64_t pb = p0; pb < p1; pb += BLOCK) {
     const int64_t C = std::min<int64_t>(BLOCK, p1 - pb);
@@ -432,10 +494,10 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
       kahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * H);
       vahead.rows[i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * Hv);
     }
-    block_rows<S>(pr, kc, b, pb, C, K * H, kbuf.data(), krow);
+    block_rows<S, R>(pr, kc, b, pb, C, K * H, kbuf.data(), krow);
     // scores (slot-major: the block's rows are read in memory order), masked, and the max
     if constexpr (HK > 0) {
-      scores_block<HK>(qt.data(), krow, N, T, G, C, s.data(), kahead);
+      scores_block<HK, R>(qt.data(), krow, K, G * T, C, s.data(), kahead);
     } else {
       for (int64_t y = 0; y < Y; ++y)
         dots<0>(&qt[y * H], krow, (y / T / G) * H, H, C, &s[y * BLOCK]);
@@ -457,8 +519,16 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
           continue;
         }
         const float alpha = exp_nonpos(m[y] - mx);  // m = -inf: 0
-        float sum = 0.0f;
-        for (int64_t i = 0; i < C; ++i) {
+        const v8 vmx = v8{} + mx;
+        v8 vsum{};
+        int64_t i = 0;
+        for (; i + 8 <= C; i += 8) {
+          const v8 p = exp8_nonpos(ld8(sy + i) - vmx);
+          st8(sy + i, p);
+          vsum += p;
+        }
+        float sum = hsum(vsum);
+        for (; i < C; ++i) {
           const float p = exp_nonpos(sy[i] - mx);
           sy[i] = p;
           sum += p;
@@ -471,9 +541,9 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
         }
       }
     }
-    block_rows<S>(pr, vc, b, pb, C, K * Hv, vbuf.data(), vrow);
+    block_rows<S, R>(pr, vc, b, pb, C, K * Hv, vbuf.data(), vrow);
     if constexpr (HV > 0) {
-      values_block<HV>(acc, s.data(), vrow, K, G, T, C, vahead);
+      values_block<HV, R>(acc, s.data(), vrow, K, G * T, C, vahead);
     } else {
       for (int64_t y = 0; y < Y; ++y)
         axpys<0>(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
