@@ -443,18 +443,23 @@ def test_without_a_working_compiler_decoding_falls_back_to_the_pure_jax_path(tmp
     np.testing.assert_allclose(np.asarray(res["out"])[0], ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,k,h,window", [(8, 2, 64, None), (6, 3, 64, 70), (4, 4, 128, None)],
-                         ids=["gqa4-h64", "gqa2-h64-ring", "mha-h128"])
-def test_realistic_head_dims(n, k, h, window, decode_path):
+@pytest.mark.parametrize("n,k,h,window,dtype", [
+    (8, 2, 64, None, "float32"), (6, 3, 64, 70, "float32"), (4, 4, 128, None, "float32"),
+    (8, 2, 64, None, "bfloat16"), (4, 4, 128, None, "bfloat16"), (6, 3, 64, 70, "float16")],
+    ids=["gqa4-h64", "gqa2-h64-ring", "mha-h128", "gqa4-h64-bf16", "mha-h128-bf16",
+         "gqa2-h64-ring-f16"])
+def test_realistic_head_dims(n, k, h, window, dtype, decode_path):
     """Head dims 64 and 128 (the native kernel's vector code; the other tests use H=8), one query
     head per kv head and groups of 2 and 4, caches whose length is not a multiple of the
-    kernel's 64-slot blocks, steps of 1 and 4 tokens, ragged rows; against a float64 reference."""
+    kernel's blocks, steps of 1 and 4 tokens, ragged rows, float32 and bfloat16/float16 caches
+    (read by their own code in the kernel); against a float64 reference of the stored values."""
     b, total = 2, 150
     r = jax.random.split(jax.random.key(10), 3)
     q = jax.random.normal(r[0], (b, total, n, h), jnp.float32)
-    kk = jax.random.normal(r[1], (b, total, k, h), jnp.float32)
-    vv = jax.random.normal(r[2], (b, total, k, h), jnp.float32)
-    cache = KVCache.create(b, None if window else 145, k, h, window=window)
+    # what the cache stores, exactly (the reference sees the rounded values)
+    kk = jax.random.normal(r[1], (b, total, k, h), jnp.float32).astype(dtype)
+    vv = jax.random.normal(r[2], (b, total, k, h), jnp.float32).astype(dtype)
+    cache = KVCache.create(b, None if window else 145, k, h, dtype=dtype, window=window)
     step = jax.jit(lambda q, k, v, c, m: cached_attention(q, k, v, c, query_seq_lengths=m))
     schedule = [(8, [8, 5])] + [(1, [1, 1])] * 3 + [(4, [4, 3])] + [(8, [8, 8])] * 15 + \
         [(1, [1, 1]), (4, [4, 4]), (4, [2, 4])]

@@ -281,6 +281,47 @@ inline v8 load8(const typename R::T* p) {
   }
 }
 
+// Logical vector v (eight values) of a row as float32. For float32 and float16 it is values
+// 8v .. 8v+7. For bfloat16 one 32-byte load holds values 16g .. 16g+15 (g = v / 2) as pairs in
+// 32-bit lanes, so vector 2g is the even values (a shift) and 2g+1 the odd ones (a mask): two
+// single-cycle operations per 16 values, no widening. The kernels that use it hold queries and
+// value accumulators in the same permuted order (permute16), which leaves dot products unchanged.
+template <typename R>
+inline v8 row8(const typename R::T* row, int v) {
+  if constexpr (std::is_same_v<R, BF16>) {
+    typedef uint32_t v8u __attribute__((vector_size(32)));
+    v8u u;
+    std::memcpy(&u, row + 16 * (v / 2), sizeof(u));
+    u = (v % 2 == 0) ? (u << 16) : (u & 0xffff0000u);
+    v8 f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return load8<R>(row + 8 * v);
+  }
+}
+
+// The order row8<R> gives the values of a row of n (a multiple of 16) values in: in place,
+// forward (natural -> row8 order) or back.
+template <typename R>
+inline void permute16(float* x, int64_t n, bool forward) {
+  if constexpr (std::is_same_v<R, BF16>) {
+    float tmp[16];
+    for (int64_t g = 0; g < n; g += 16) {
+      for (int j = 0; j < 8; ++j) {
+        if (forward) {
+          tmp[j] = x[g + 2 * j];
+          tmp[8 + j] = x[g + 2 * j + 1];
+        } else {
+          tmp[2 * j] = x[g + j];
+          tmp[2 * j + 1] = x[g + 8 + j];
+        }
+      }
+      std::memcpy(x + g, tmp, sizeof(tmp));
+    }
+  }
+}
+
 // Whether the kernels read storage type S directly (else block_rows converts into float32).
 template <typename S>
 constexpr bool direct() {
@@ -333,16 +374,16 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
 #pragma GCC unroll 16
           for (int v = 0; v < V; ++v) {
             const v8 qa = ld8(q0 + 8 * v), qb = ld8(q1 + 8 * v);
-            v8 kv = load8<R>(r[half] + 8 * v);
+            v8 kv = row8<R>(r[half], v);
             a0 += qa * kv;
             b0 += qb * kv;
-            kv = load8<R>(r[half + 1] + 8 * v);
+            kv = row8<R>(r[half + 1], v);
             a1 += qa * kv;
             b1 += qb * kv;
-            kv = load8<R>(r[half + 2] + 8 * v);
+            kv = row8<R>(r[half + 2], v);
             a2 += qa * kv;
             b2 += qb * kv;
-            kv = load8<R>(r[half + 3] + 8 * v);
+            kv = row8<R>(r[half + 3], v);
             a3 += qa * kv;
             b3 += qb * kv;
           }
@@ -357,7 +398,7 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
         for (int v = 0; v < V; ++v) {
           const v8 qa = ld8(q0 + 8 * v);
 #pragma GCC unroll 8
-          for (int x = 0; x < 8; ++x) a[x] += qa * load8<R>(r[x] + 8 * v);
+          for (int x = 0; x < 8; ++x) a[x] += qa * row8<R>(r[x], v);
         }
         hsum4(a[0], a[1], a[2], a[3], s + y * BLOCK + i);
         hsum4(a[4], a[5], a[6], a[7], s + y * BLOCK + i + 4);
@@ -371,7 +412,7 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
         const float* q0 = qt + y * HD;
         const typename R::T* r = rows[i] + k * HD;
         v8 a{};
-        for (int v = 0; v < V; ++v) a += ld8(q0 + 8 * v) * load8<R>(r + 8 * v);
+        for (int v = 0; v < V; ++v) a += ld8(q0 + 8 * v) * row8<R>(r, v);
         s[y * BLOCK + i] = hsum(a);
       }
 }
@@ -397,7 +438,7 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
         v8 a30 = ld8(a + 3 * HD), a31 = ld8(a + 3 * HD + 8);
         for (int64_t i = 0; i < C; ++i) {
           const typename R::T* r = rows[i] + k * HD + h0;
-          const v8 v0 = load8<R>(r), v1 = load8<R>(r + 8);
+          const v8 v0 = row8<R>(r, 0), v1 = row8<R>(r, 1);
           const float q0 = p0[i], q1 = p0[BLOCK + i], q2 = p0[2 * BLOCK + i],
                       q3 = p0[3 * BLOCK + i];
           a00 += q0 * v0;
@@ -431,7 +472,7 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
           const typename R::T* r = rows[i] + k * HD + h0;
           const float pi = py[i];
 #pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) av[v] += pi * load8<R>(r + 8 * v);
+          for (int v = 0; v < W; ++v) av[v] += pi * row8<R>(r, v);
         }
 #pragma GCC unroll 8
         for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
@@ -468,13 +509,18 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
   const int64_t T = pr.T, N = pr.N, K = pr.K, H = pr.H, Hv = pr.Hv, G = pr.G;
   const int64_t Y = N * T;
+  // the storage type the kernels read: the cache's own, or float32 converted block by block
+  using R = std::conditional_t<(HK > 0 && direct<S>()), S, F32>;
   std::vector<float> qt(Y * H);  // queries in column order (n, t)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t t = 0; t < T; ++t)
       std::memcpy(&qt[(n * T + t) * H], pr.q + ((b * T + t) * N + n) * H, H * sizeof(float));
+  // queries and accumulators in the order the kernels read rows in (see row8)
+  for (int64_t y = 0; y < Y; ++y) {
+    permute16<R>(&qt[y * H], H, true);
+    permute16<R>(acc + y * Hv, Hv, true);
+  }
   std::vector<float> s(Y * BLOCK);
-  // the storage type the kernels read: the cache's own, or float32 converted block by block
-  using R = std::conditional_t<(HK > 0 && direct<S>()), S, F32>;
   std::vector<float> kbuf, vbuf;
   if constexpr (!std::is_same_v<S, R>) {
     kbuf.resize(BLOCK * K * H);
@@ -483,14 +529,18 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
   const typename R::T* krow[BLOCK];
   const typename R::T* vrow[BLOCK];
   const int64_t P = pr.P[b];
-  for (int64_t pb = p0; pb < p1; pb += BLOCK) {
-    const int64_t C = std::min<int64_t>(BLOCK, p1 - pb);
+  // slots per block: a block's key rows (and its value rows) about 32 KiB, L1's size, so the
+  // block being read and the next one being prefetched stay in L2 (8..BLOCK, a multiple of 8)
+  const int64_t row_bytes = K * std::max(H, Hv) * static_cast<int64_t>(sizeof(typename S::T));
+  const int64_t blk = std::clamp<int64_t>((32768 / row_bytes) / 8 * 8, 8, BLOCK);
+  for (int64_t pb = p0; pb < p1; pb += blk) {
+    const int64_t C = std::min<int64_t>(blk, p1 - pb);
     Ahead kahead, vahead;
-    kahead.n = vahead.n = std::max<int64_t>(0, std::min<int64_t>(BLOCK, p1 - pb - BLOCK));
+    kahead.n = vahead.n = std::max<int64_t>(0, std::min<int64_t>(blk, p1 - pb - blk));
     kahead.bytes = K * H * sizeof(typename S::T);
     vahead.bytes = K * Hv * sizeof(typename S::T);
     for (int64_t i = 0; i < kahead.n; ++i) {
-      const int64_t slot = slot_of(pr, pb + BLOCK + i);
+      const int64_t slot = slot_of(pr, pb + blk + i);
       kahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * H);
       vahead.rows[i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * Hv);
     }
@@ -549,6 +599,7 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
         axpys<0>(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
     }
   }
+  for (int64_t y = 0; y < Y; ++y) permute16<R>(acc + y * Hv, Hv, false);
 }
 
 // Runs fn(0..n-1) on the caller and up to `threads - 1` pool workers. Items are claimed from a
