@@ -241,17 +241,21 @@ def compare_to_reference(data, out, lse, grads, dtype):
         _assert_close(name, g, w, gtol * max(1.0, float(np.abs(w).max()) / 10))
 
 
-# Uneven chunks (5, 7) re-run the chunked kernel's edge cases; by default on the cases whose block
-# boundaries matter most, the whole table with --run-slow.
-UNEVEN_DEFAULT = {"combined", "causal_offset_per_row", "window_asymmetric", "segments",
-                  "decode_T1", "head_dim_odd", "empty_rows", "kv_lengths"}
+# The default run: "xla_chunked" (16, 8) runs every case of the table. The other two runs sample
+# it; the whole table runs with --run-slow. Rule for the samples: "combined" (every mask argument
+# at once: causal, window, per-row offset, both lengths, segments, full mask, full bias, soft
+# cap), "empty_rows" (fully masked rows) and "decode_T1" (T = 1, shorter than one chunk) always,
+# plus the cases a run needs for what "combined" does not contain.
+# Uneven chunks (5, 7) re-run the chunked kernel's block-boundary edge cases: the three above and
+# an odd head dim with a window, whose blocks are all partial.
+UNEVEN_DEFAULT = {"combined", "decode_T1", "head_dim_odd", "empty_rows"}
 
 
-# "xla" builds its masks with the same code as the chunked kernel's per-block masks, densely; by
-# default on the cases that exercise each mask argument once, the whole table with --run-slow.
-XLA_DEFAULT = {"causal_offset_per_row", "window_asymmetric", "lengths_causal", "segments",
-               "mask_broadcast", "bias_broadcast", "softcap", "empty_rows", "combined", "mqa",
-               "decode_T1", "value_head_dim", "unbatched"}
+# "xla" builds its masks with the same code as the chunked kernel's per-block masks, densely: the
+# three above, plus what "combined" lacks: the broadcast (T, S) mask, the broadcast bias and
+# rank-3 inputs ("unbatched"), MQA, and Hv != H.
+XLA_DEFAULT = {"combined", "empty_rows", "decode_T1", "mask_broadcast", "unbatched", "mqa",
+               "value_head_dim"}
 
 
 def _float32_params():
@@ -268,13 +272,20 @@ def test_matches_reference_float32(case, impl):
     _check(case, impl, jnp.float32)
 
 
+# Low precision by default: bfloat16 (the training dtype) in the chunked kernel on every case of
+# LOW_PRECISION_CASES; float16 in the chunked kernel and bfloat16 in "xla" on the cases that add
+# something to float32's table ("combined", "mqa", "empty_rows"); the rest (the same dtypes on
+# "plain"/"causal", and float16 in "xla") with --run-slow.
+LOW_PRECISION_DEFAULT = {"combined", "mqa", "empty_rows"}
+
+
 def _low_precision_params():
-    # bfloat16 (the training dtype) in both implementations; float16 in the chunked kernel by
-    # default and in "xla" with --run-slow.
     for name in LOW_PRECISION_CASES:
         for impl in ("xla", "xla_chunked"):
             for dtype, did in ((jnp.bfloat16, "bf16"), (jnp.float16, "f16")):
-                slow = impl == "xla" and did == "f16"
+                slow = ((impl == "xla" and did == "f16")
+                        or (not (impl == "xla_chunked" and did == "bf16")
+                            and name not in LOW_PRECISION_DEFAULT))
                 yield pytest.param(name, impl, dtype, id=f"{name}-{impl}-{did}",
                                    marks=pytest.mark.slow if slow else ())
 
@@ -320,11 +331,17 @@ PARITY = [
 
 
 def _parity_params():
-    # GQA on every feature; MHA (the same code with G = 1) on two by default, all with --run-slow.
+    # By default every feature in GQA: "plain" and "is_causal" in both implementations, the others
+    # in one, alternating down the list (each implementation gets every second one); MHA (the
+    # same code with G = 1) on "plain" in the chunked kernel and "is_causal" in "xla". The rest
+    # with --run-slow.
     for heads, hid in (((4, 2), "gqa"), ((4, 4), "mha")):
         for i, kw in enumerate(PARITY):
-            for impl in ("xla", "xla_chunked"):
-                slow = hid == "mha" and i > 1
+            for j, impl in enumerate(("xla", "xla_chunked")):
+                if hid == "gqa":
+                    slow = i > 1 and i % 2 != j
+                else:
+                    slow = i > 1 or i % 2 == j
                 yield pytest.param(kw, impl, heads, id=f"{hid}-{'-'.join(kw) or 'plain'}-{impl}",
                                    marks=pytest.mark.slow if slow else ())
 

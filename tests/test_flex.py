@@ -187,9 +187,10 @@ def reference_grads(case, argnums):
 
 
 # The default run: every case in the chunked kernel, a few in the others; the rest is slow.
+# ("sinks_empty_rows" in "xla" also carries ALiBi, so "alibi" there is with --run-slow.)
 QUICK = {
     "chunked": [c.name for c in CASES],
-    "xla": ["alibi", "t5", "sinks_empty_rows"],
+    "xla": ["t5", "sinks_empty_rows"],
     "chunked_block_mask": ["causal_offset", "doc_causal", "per_head"],
 }
 GRID = [pytest.param(c, impl, id=f"{c.name}-{impl}",
@@ -240,7 +241,9 @@ def test_sinks_fully_masked_rows(x64):
         np.testing.assert_allclose(np.asarray(lse[0, 1]), [0.5, -1.0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+# bfloat16 with mods in the chunked kernel by default; in "xla" with --run-slow (its bfloat16 and its
+# mods are each tested by default elsewhere).
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "xla_chunked"])
 def test_bf16_flex(impl):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((1, 40, 4, 16)), jnp.bfloat16)
@@ -280,7 +283,9 @@ def _random_mask(r, depth=0):
     return POOL[int(r.integers(len(POOL)))](r)
 
 
-@pytest.mark.parametrize("seed", range(12))
+# Seeds 0-5 by default, 6-11 with --run-slow.
+@pytest.mark.parametrize("seed", [s if s < 6 else pytest.param(s, marks=pytest.mark.slow)
+                                  for s in range(12)])
 def test_block_classification_is_exact(seed):
     r = np.random.default_rng(seed)
     mask_mod = _random_mask(r)
@@ -453,8 +458,18 @@ def test_ring_attention_mods_match_single_device():
     assert sm["dslopes"] > 1 and sm["diffs"][0] < 1e-4 and sm["diffs"][1] <= 1e-5 * sm["dslopes"], sm
 
 
-@pytest.mark.parametrize("reduce_max", [1, 10**6], ids=["default", "reduce"])
-@pytest.mark.parametrize("window", [None, 8], ids=["plain_cache", "ring_buffer"])
+def _cached_mods_params():
+    # A half fraction of cache kind x cache read by default (each value of each axis once: the
+    # plain cache with the default reads, the ring buffer with the fused multiply-and-sum loops);
+    # the other two with --run-slow.
+    for window, wid in ((None, "plain_cache"), (8, "ring_buffer")):
+        for reduce_max, rid in ((1, "default"), (10**6, "reduce")):
+            slow = (window is None) != (rid == "default")
+            yield pytest.param(window, reduce_max, id=f"{wid}-{rid}",
+                               marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("window,reduce_max", list(_cached_mods_params()))
 def test_cached_attention_honours_mods(window, reduce_max, monkeypatch):
     """Prefill, single-token and multi-token steps with mask_mod/score_mod/sinks equal full
     causal attention over the whole history with the same mods (also with every cache read by

@@ -68,12 +68,13 @@ CASES = [
 ]
 
 
-# By default the chunked kernel on the cases that each add something (GQA, normalize_qk, padding
-# masks with and without causal, cross attention); the unmasked and MHA-causal cases and "xla"
-# run with --run-slow.
-PARITY = ([(c, "xla_chunked") for c in CASES[2:]]
+# By default the chunked kernel on the cases that each add something: GQA with a padding mask and
+# causal together, GQA with normalize_qk, cross attention. The cases they contain (unmasked, MHA
+# causal, GQA causal, padding alone) and "xla" run with --run-slow.
+PARITY = ([(c, "xla_chunked") for c in (CASES[3], CASES[5], CASES[6])]
           + [pytest.param(c, impl, marks=pytest.mark.slow)
              for c, impl in ((CASES[0], "xla_chunked"), (CASES[1], "xla_chunked"),
+                             (CASES[2], "xla_chunked"), (CASES[4], "xla_chunked"),
                              (CASES[2], "xla"), (CASES[5], "xla"))])
 
 

@@ -106,8 +106,10 @@ def test_bf16_default_implementation_one_query_chunk():
         np.testing.assert_allclose(np.asarray(got, np.float64), w, atol=0.1, rtol=0.05)
 
 
+# Trip counts matter in the chunked kernel's loops: both dtypes there by default; "xla" (no loops)
+# with --run-slow.
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "xla_chunked"])
 def test_low_precision_every_trip_count(impl, dtype):
     """One-trip and many-trip loops (T, S = 1, 7, 8, 9 around a chunk of 8) forward and grad."""
     for T, S in [(1, 1), (7, 8), (9, 8), (8, 17)]:
@@ -126,8 +128,17 @@ def test_low_precision_every_trip_count(impl, dtype):
 # ------------------------------------------------------------------------------------------
 # 2. jax_enable_x64.
 
-@pytest.mark.parametrize("bias_shape", [(2, 4, 24, 30), (1, 4, 1, 30)], ids=["full", "broadcast"])
-@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def _x64_bias_params():
+    # A half fraction of dtype x bias shape by default (each value of each axis once: float32 with
+    # the full bias, float64 with the broadcast one); the other two with --run-slow.
+    for dtype in ("f32", "f64"):
+        for shape, sid in (((2, 4, 24, 30), "full"), ((1, 4, 1, 30), "broadcast")):
+            slow = (dtype == "f64") != (sid == "broadcast")
+            yield pytest.param(shape, dtype, id=f"{dtype}-{sid}",
+                               marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("bias_shape,dtype", list(_x64_bias_params()))
 def test_x64_bias_gradient(bias_shape, dtype):
     with jax.enable_x64(True):
         dt = jnp.float32 if dtype == "f32" else jnp.float64
@@ -143,13 +154,25 @@ def test_x64_bias_gradient(bias_shape, dtype):
         np.testing.assert_allclose(np.asarray(g, np.float64), want[3], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("mask", DEBUG_NAN_MASKS)
+# Under x64 by default: the two combinations and the kinds neither contains (window with causal
+# and a static offset, fully masked rows, the broadcast mask, the full bias); the kinds the
+# combinations contain ("none", per-row offset, query lengths, dense mask) with --run-slow.
+X64_MASKS_DEFAULT = {"combo_causal_lengths_segments_bias", "combo_window_mask_softcap_offsets",
+                     "window_causal", "empty_rows", "mask_broadcast", "bias"}
+
+
+@pytest.mark.parametrize("mask", [m if m in X64_MASKS_DEFAULT
+                                  else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in DEBUG_NAN_MASKS])
 def test_x64_every_mask_kind_float32_inputs(mask):
     """The same float32 problems with jax_enable_x64 on (index arithmetic must not change)."""
     with jax.enable_x64(True):
         check_config(Config("xla_chunked", "f32", "uneven8x12", mask, "jit", 13, 29, 4, 2, 16, 16))
 
 
+# The default run checks cached attention under x64 (float64 and float32 caches, prefill and
+# steps) in tests/test_decode.py::test_x64_float64_computes_in_float64_and_float32_with_int32_indices.
+@pytest.mark.slow
 def test_x64_cached_attention_matches_full_forward():
     with jax.enable_x64(True):
         for dt, tol in ((jnp.float32, 2e-5), (jnp.float64, 1e-11)):
@@ -230,11 +253,13 @@ def test_float64_inputs_are_computed_in_float64(impl):
 
 
 
+# By default a half fraction of implementation x mode (each once): the chunked kernel eagerly
+# (op by op, every intermediate checked), "xla" under jit; the other two with --run-slow.
 @pytest.mark.parametrize("impl,jit", [
     pytest.param("xla", False, id="eager-xla", marks=pytest.mark.slow),
     pytest.param("xla", True, id="jit-xla"),
     pytest.param("xla_chunked", False, id="eager-xla_chunked"),
-    pytest.param("xla_chunked", True, id="jit-xla_chunked"),
+    pytest.param("xla_chunked", True, id="jit-xla_chunked", marks=pytest.mark.slow),
 ])
 def test_debug_nans_every_mask_kind(impl, jit):
     from tests.test_harness import _problem
@@ -263,7 +288,9 @@ def test_debug_nans_every_mask_kind(impl, jit):
 # ------------------------------------------------------------------------------------------
 # Transformations.
 
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+# "xla" under vmap runs by default in tests/test_api.py::test_vmap_matches_batched_call; here
+# (masks and gradients under vmap) the chunked kernel by default, "xla" with --run-slow.
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "xla_chunked"])
 def test_vmap_extra_batch_axis_with_masks(impl):
     rng = np.random.default_rng(5)
     q = jnp.asarray(rng.standard_normal((3, 2, 20, 4, 16)), jnp.float32)
