@@ -359,6 +359,44 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
                          int64_t C, float* s, const Ahead& ahead) {
   constexpr int V = HD / 8;
   int64_t i = 0;
+  if (GT % 4 == 0) {
+    // four columns × two slots: each key vector loaded once for four columns, the slots (all
+    // their kv heads) in memory order
+    for (; i + 2 <= C; i += 2) {
+      prefetch_rows(ahead, i, i + 2);
+      for (int64_t k = 0; k < K; ++k) {
+        const typename R::T* r0 = rows[i] + k * HD;
+        const typename R::T* r1 = rows[i + 1] + k * HD;
+        for (int64_t y = k * GT; y < (k + 1) * GT; y += 4) {
+          const float* q0 = qt + y * HD;
+          v8 a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) {
+            const v8 k0 = row8<R>(r0, v), k1 = row8<R>(r1, v);
+            v8 qv = ld8(q0 + 8 * v);
+            a00 += qv * k0;
+            a01 += qv * k1;
+            qv = ld8(q0 + HD + 8 * v);
+            a10 += qv * k0;
+            a11 += qv * k1;
+            qv = ld8(q0 + 2 * HD + 8 * v);
+            a20 += qv * k0;
+            a21 += qv * k1;
+            qv = ld8(q0 + 3 * HD + 8 * v);
+            a30 += qv * k0;
+            a31 += qv * k1;
+          }
+          float t0[4], t1[4];
+          hsum4(a00, a10, a20, a30, t0);
+          hsum4(a01, a11, a21, a31, t1);
+          for (int c = 0; c < 4; ++c) {
+            s[(y + c) * BLOCK + i] = t0[c];
+            s[(y + c) * BLOCK + i + 1] = t1[c];
+          }
+        }
+      }
+    }
+  }
   for (; i + 8 <= C; i += 8) {
     prefetch_rows(ahead, i, i + 8);
     for (int64_t k = 0; k < K; ++k) {
@@ -417,65 +455,71 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
       }
 }
 
-// acc[y] += sum_i p[y * BLOCK + i] * (V row i, head y / (T G)). Per kv head, four columns ×
-// 16 values at a time (each value vector loaded once for four columns), or one column × 64
-// values, the accumulators held in registers over the whole block.
+// acc[y] += sum_i p[y * BLOCK + i] * (V row i, head y / (T G)), in groups of four rows read in
+// memory order (all kv heads of a group before the next: measured faster than holding the
+// accumulators over the whole block, which reads the block's rows once per 16 values). Per kv
+// head, four columns × 16 values at a time (each value vector loaded once for four columns), or
+// one column × 64 values, the accumulators in registers over the group's rows.
 template <int HD, typename R>
 inline void values_block(float* acc, const float* p, const typename R::T* const* rows, int64_t K,
                          int64_t GT, int64_t C, const Ahead& ahead) {
   constexpr int W = HD < 64 ? HD / 8 : 8;
-  prefetch_rows(ahead, 0, BLOCK);
-  for (int64_t k = 0; k < K; ++k) {
-    int64_t j = 0;
-    for (; j + 4 <= GT && HD % 16 == 0; j += 4) {
-      const int64_t y = k * GT + j;
-      const float* p0 = p + y * BLOCK;
-      for (int h0 = 0; h0 < HD; h0 += 16) {
-        float* a = acc + y * HD + h0;
-        v8 a00 = ld8(a), a01 = ld8(a + 8);
-        v8 a10 = ld8(a + HD), a11 = ld8(a + HD + 8);
-        v8 a20 = ld8(a + 2 * HD), a21 = ld8(a + 2 * HD + 8);
-        v8 a30 = ld8(a + 3 * HD), a31 = ld8(a + 3 * HD + 8);
-        for (int64_t i = 0; i < C; ++i) {
-          const typename R::T* r = rows[i] + k * HD + h0;
-          const v8 v0 = row8<R>(r, 0), v1 = row8<R>(r, 1);
-          const float q0 = p0[i], q1 = p0[BLOCK + i], q2 = p0[2 * BLOCK + i],
-                      q3 = p0[3 * BLOCK + i];
-          a00 += q0 * v0;
-          a01 += q0 * v1;
-          a10 += q1 * v0;
-          a11 += q1 * v1;
-          a20 += q2 * v0;
-          a21 += q2 * v1;
-          a30 += q3 * v0;
-          a31 += q3 * v1;
+  constexpr int64_t R4 = 4;  // rows per group: read in memory order, every kv head of them
+  for (int64_t i0 = 0; i0 < C; i0 += R4) {
+    const int64_t i1 = std::min<int64_t>(C, i0 + R4);
+    prefetch_rows(ahead, i0, i0 + R4);
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t j = 0;
+      for (; j + 4 <= GT && HD % 16 == 0; j += 4) {
+        const int64_t y = k * GT + j;
+        const float* p0 = p + y * BLOCK;
+        for (int h0 = 0; h0 < HD; h0 += 16) {
+          float* a = acc + y * HD + h0;
+          v8 a00 = ld8(a), a01 = ld8(a + 8);
+          v8 a10 = ld8(a + HD), a11 = ld8(a + HD + 8);
+          v8 a20 = ld8(a + 2 * HD), a21 = ld8(a + 2 * HD + 8);
+          v8 a30 = ld8(a + 3 * HD), a31 = ld8(a + 3 * HD + 8);
+          for (int64_t i = i0; i < i1; ++i) {
+            const typename R::T* r = rows[i] + k * HD + h0;
+            const v8 v0 = row8<R>(r, 0), v1 = row8<R>(r, 1);
+            const float q0 = p0[i], q1 = p0[BLOCK + i], q2 = p0[2 * BLOCK + i],
+                        q3 = p0[3 * BLOCK + i];
+            a00 += q0 * v0;
+            a01 += q0 * v1;
+            a10 += q1 * v0;
+            a11 += q1 * v1;
+            a20 += q2 * v0;
+            a21 += q2 * v1;
+            a30 += q3 * v0;
+            a31 += q3 * v1;
+          }
+          st8(a, a00);
+          st8(a + 8, a01);
+          st8(a + HD, a10);
+          st8(a + HD + 8, a11);
+          st8(a + 2 * HD, a20);
+          st8(a + 2 * HD + 8, a21);
+          st8(a + 3 * HD, a30);
+          st8(a + 3 * HD + 8, a31);
         }
-        st8(a, a00);
-        st8(a + 8, a01);
-        st8(a + HD, a10);
-        st8(a + HD + 8, a11);
-        st8(a + 2 * HD, a20);
-        st8(a + 2 * HD + 8, a21);
-        st8(a + 3 * HD, a30);
-        st8(a + 3 * HD + 8, a31);
       }
-    }
-    for (; j < GT; ++j) {
-      const int64_t y = k * GT + j;
-      const float* py = p + y * BLOCK;
-      for (int h0 = 0; h0 < HD; h0 += 64) {
-        float* a = acc + y * HD + h0;
-        v8 av[W];
+      for (; j < GT; ++j) {
+        const int64_t y = k * GT + j;
+        const float* py = p + y * BLOCK;
+        for (int h0 = 0; h0 < HD; h0 += 64) {
+          float* a = acc + y * HD + h0;
+          v8 av[W];
 #pragma GCC unroll 8
-        for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
-        for (int64_t i = 0; i < C; ++i) {
-          const typename R::T* r = rows[i] + k * HD + h0;
-          const float pi = py[i];
+          for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
+          for (int64_t i = i0; i < i1; ++i) {
+            const typename R::T* r = rows[i] + k * HD + h0;
+            const float pi = py[i];
 #pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) av[v] += pi * row8<R>(r, v);
+            for (int v = 0; v < W; ++v) av[v] += pi * row8<R>(r, v);
+          }
+#pragma GCC unroll 8
+          for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
         }
-#pragma GCC unroll 8
-        for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
       }
     }
   }
