@@ -4,8 +4,9 @@
 // cache is updated in place, in every storage dtype) and returns the attention of the step's
 // queries over the cached positions < P (out normalised, and its log-sum-exp), to be merged by
 // the caller with the attention over the step's own tokens. The cache is read once, row by row
-// in its BSKH layout (all kv heads of a slot are contiguous), in blocks of BLOCK slots that stay
-// in L1/L2 between the score pass and the value pass, on the XLA:CPU intra-op thread pool.
+// in its BSKH layout (all kv heads of a slot are contiguous), in blocks of up to BLOCK slots
+// (about 32 KiB of key rows) that stay in L1/L2 between the score pass and the value pass, with
+// bfloat16/float16 values converted in registers, on the XLA:CPU intra-op thread pool.
 //
 // Built by attnjax/_src/native.py on first use with the host's C++ compiler; the semantics
 // are those of attnjax/_src/decode.py's _attend_cache + _write (the pure-JAX path), which this
@@ -351,9 +352,9 @@ inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* s) {
 }
 
 // s[y * BLOCK + i] = <q[y], K row i, head y / (T G)> for all columns y = (n, t). Per kv head k
-// (columns k*GT .. k*GT + GT - 1, GT = G*T), tiles of NC columns × 4 slots (NC = 2 when GT > 1,
-// each key vector loaded once for both columns; 1 × 8 slots when GT = 1), the tile's sums
-// reduced four at a time.
+// (columns k*GT .. k*GT + GT - 1, GT = G*T), tiles of 4 columns × 2 slots when GT % 4 == 0,
+// else 2 columns × 4 slots (and 1 × 8 for a last single column); each key vector is loaded
+// once for the tile's columns, and the tile's sums are reduced four at a time.
 template <int HD, typename R>
 inline void scores_block(const float* qt, const typename R::T* const* rows, int64_t K, int64_t GT,
                          int64_t C, float* s, const Ahead& ahead) {
