@@ -38,19 +38,25 @@ namespace {
 constexpr int64_t BLOCK = 64;  // cache slots per block (its scores: N·T·BLOCK floats, in L1/L2)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
+// exp(r) for |r| <= ln(2) / 2: degree-6 Taylor polynomial (float or a vector of floats).
+template <typename F>
+inline F exp_poly(F r) {
+  F p = F{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
 // exp(x) for x <= 0 (what online softmax needs), written so that compilers vectorize it:
 // range reduction by ln 2 and a degree-6 polynomial (relative error ~2e-7); 0 below -87.
 inline float exp_nonpos(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   const float n = __builtin_floorf(xc * 1.44269504f + 0.5f);
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = exp_poly(r);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -135,13 +141,7 @@ inline v8 exp8_nonpos(v8 x) {
   const v8i ni = -__builtin_convertvector(0.5f - xc * 1.44269504f, v8i);
   const v8 n = __builtin_convertvector(ni, v8);
   const v8 r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  v8 p = v8{} + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const v8 p = exp_poly(r);
   const v8i bits = (ni + 127) << 23;
   v8 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
