@@ -76,10 +76,11 @@ def _histories(seed=0, total=TOTAL):
 
 
 def _ref(q, k, v, b, p, window=None, cap=None):
-    """float64 attention output of row b's query at position p over its keys 0..p."""
+    """float64 attention output of row b's query at position p over its keys 0..p (the last
+    window + 1 of them with a window); q (B, S, N, H), k and v (B, S, K, H)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    G = N // K
-    out = np.zeros((N, H))
+    N, H, G = q.shape[2], q.shape[3], q.shape[2] // k.shape[2]
+    out = np.zeros((N, v.shape[3]))
     for n in range(N):
         s = k[b, : p + 1, n // G] @ q[b, p, n] / np.sqrt(H)
         if cap is not None:
@@ -439,11 +440,7 @@ def test_without_a_working_compiler_decoding_falls_back_to_the_pure_jax_path(tmp
     assert not res["status"]["enabled"]
     assert "compil" in res["status"]["reason"] or "compiler" in res["status"]["reason"]
     q = np.random.default_rng(0).standard_normal((1, 5, 2, 4))
-    k = v = q[:, :, :1]
-    s = np.einsum("tnh,sh->nts", q[0], k[0, :, 0]) / 2.0
-    s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
-    w = np.exp(s - s.max(-1, keepdims=True))
-    ref = np.einsum("nts,sh->tnh", w / w.sum(-1, keepdims=True), v[0, :, 0])
+    ref = np.stack([_ref(q, q[:, :, :1], q[:, :, :1], 0, p) for p in range(5)])
     np.testing.assert_allclose(np.asarray(res["out"])[0], ref, atol=1e-5, rtol=1e-5)
 
 
@@ -479,12 +476,8 @@ def test_realistic_head_dims(n, k, h, window, dtype, decode_path):
         for i in range(b):
             for t in range(counts[i]):
                 p = pos[i] + t
-                lo = 0 if window is None else max(0, p - window + 1)
-                s = np.einsum("nh,snh->ns", qd[i, p],
-                              np.repeat(kd[i, lo:p + 1], n // k, axis=1)) / np.sqrt(h)
-                w = np.exp(s - s.max(-1, keepdims=True))
-                ref = np.einsum("ns,snh->nh", w / w.sum(-1, keepdims=True),
-                                np.repeat(vd[i, lo:p + 1], n // k, axis=1))
+                # a ring of `window` slots: the last `window` positions, itself included
+                ref = _ref(qd, kd, vd, i, p, window=None if window is None else window - 1)
                 np.testing.assert_allclose(out[i, t], ref, atol=2e-5, rtol=2e-5,
                                            err_msg=f"row {i} position {p}")
                 checked += 1

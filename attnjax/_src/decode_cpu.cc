@@ -184,78 +184,29 @@ inline float block_max(const float* x, int64_t C, float init) {
   return mx;
 }
 
-// s[i] = <q, rows[i] + off> for i < C. HD: the head dim when it is a compile-time multiple of 8
-// (vector code, four slots at a time), or 0 for any H (plain loops).
-template <int HD>
+// The generic path (head dims without vector code): s[i] = <q, rows[i] + off> for i < C, and
+// a += sum_i p[i] * (rows[i] + off), plain loops over float32 rows.
 inline void dots(const float* q, const float* const* rows, int64_t off, int64_t H, int64_t C,
                  float* s) {
-  if constexpr (HD > 0) {
-    constexpr int V = HD / 8;
-    v8 qv[V];
-    for (int v = 0; v < V; ++v) qv[v] = ld8(q + 8 * v);
-    int64_t i = 0;
-    for (; i + 4 <= C; i += 4) {
-      const float* r0 = rows[i] + off;
-      const float* r1 = rows[i + 1] + off;
-      const float* r2 = rows[i + 2] + off;
-      const float* r3 = rows[i + 3] + off;
-      v8 a0 = qv[0] * ld8(r0), a1 = qv[0] * ld8(r1), a2 = qv[0] * ld8(r2), a3 = qv[0] * ld8(r3);
-#pragma GCC unroll 16
-      for (int v = 1; v < V; ++v) {
-        a0 += qv[v] * ld8(r0 + 8 * v);
-        a1 += qv[v] * ld8(r1 + 8 * v);
-        a2 += qv[v] * ld8(r2 + 8 * v);
-        a3 += qv[v] * ld8(r3 + 8 * v);
-      }
-      s[i] = hsum(a0);
-      s[i + 1] = hsum(a1);
-      s[i + 2] = hsum(a2);
-      s[i + 3] = hsum(a3);
-    }
-    for (; i < C; ++i) {
-      const float* r = rows[i] + off;
-      v8 a = qv[0] * ld8(r);
-      for (int v = 1; v < V; ++v) a += qv[v] * ld8(r + 8 * v);
-      s[i] = hsum(a);
-    }
-  } else {
-    for (int64_t i = 0; i < C; ++i) {
-      const float* r = rows[i] + off;
-      float d = 0.0f;
-      for (int64_t h = 0; h < H; ++h) d += q[h] * r[h];
-      s[i] = d;
-    }
+  for (int64_t i = 0; i < C; ++i) {
+    const float* r = rows[i] + off;
+    float d = 0.0f;
+    for (int64_t h = 0; h < H; ++h) d += q[h] * r[h];
+    s[i] = d;
   }
 }
 
-// a += sum_i p[i] * (rows[i] + off), for i < C; HD as in dots.
-template <int HD>
 inline void axpys(float* a, const float* p, const float* const* rows, int64_t off, int64_t Hv,
                   int64_t C) {
-  if constexpr (HD > 0) {
-    for (int h0 = 0; h0 < HD; h0 += 64) {  // at most 8 accumulators in registers
-      constexpr int W = HD < 64 ? HD / 8 : 8;
-      v8 acc[W];
-      for (int v = 0; v < W; ++v) acc[v] = ld8(a + h0 + 8 * v);
-      for (int64_t i = 0; i < C; ++i) {
-        const float* r = rows[i] + off + h0;
-        const float pi = p[i];
-#pragma GCC unroll 8
-        for (int v = 0; v < W; ++v) acc[v] += pi * ld8(r + 8 * v);
-      }
-      for (int v = 0; v < W; ++v) st8(a + h0 + 8 * v, acc[v]);
-    }
-  } else {
-    for (int64_t i = 0; i < C; ++i) {
-      const float* r = rows[i] + off;
-      const float pi = p[i];
-      for (int64_t h = 0; h < Hv; ++h) a[h] += pi * r[h];
-    }
+  for (int64_t i = 0; i < C; ++i) {
+    const float* r = rows[i] + off;
+    const float pi = p[i];
+    for (int64_t h = 0; h < Hv; ++h) a[h] += pi * r[h];
   }
 }
 
 // Eight values of a cache row as float32, converted in registers: R is the storage type the
-// kernels read (F32, BF16, or F16 where the CPU has F16C; see Direct).
+// kernels read (F32, BF16, or F16 where the CPU has F16C; see direct()).
 template <typename R>
 inline v8 load8(const typename R::T* p) {
   if constexpr (std::is_same_v<R, F32>) {
@@ -548,14 +499,15 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 }
 
 // Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
-// (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :].
-template <typename S, int HK, int HV>
+// (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :]. HD: the
+// head dim of keys and values when the vector code covers it (64, 128), else 0 (generic path).
+template <typename S, int HD>
 void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc, int64_t b,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
   const int64_t T = pr.T, N = pr.N, K = pr.K, H = pr.H, Hv = pr.Hv, G = pr.G;
   const int64_t Y = N * T;
   // the storage type the kernels read: the cache's own, or float32 converted block by block
-  using R = std::conditional_t<(HK > 0 && direct<S>()), S, F32>;
+  using R = std::conditional_t<(HD > 0 && direct<S>()), S, F32>;
   std::vector<float> qt(Y * H);  // queries in column order (n, t)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t t = 0; t < T; ++t)
@@ -591,11 +543,11 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     }
     block_rows<S, R>(pr, kc, b, pb, C, K * H, kbuf.data(), krow);
     // scores (slot-major: the block's rows are read in memory order), masked, and the max
-    if constexpr (HK > 0) {
-      scores_block<HK, R>(qt.data(), krow, K, G * T, C, s.data(), kahead);
+    if constexpr (HD > 0) {
+      scores_block<HD, R>(qt.data(), krow, K, G * T, C, s.data(), kahead);
     } else {
       for (int64_t y = 0; y < Y; ++y)
-        dots<0>(&qt[y * H], krow, (y / T / G) * H, H, C, &s[y * BLOCK]);
+        dots(&qt[y * H], krow, (y / T / G) * H, H, C, &s[y * BLOCK]);
     }
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t t = 0; t < T; ++t) {
@@ -637,11 +589,11 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
       }
     }
     block_rows<S, R>(pr, vc, b, pb, C, K * Hv, vbuf.data(), vrow);
-    if constexpr (HV > 0) {
-      values_block<HV, R>(acc, s.data(), vrow, K, G * T, C, vahead);
+    if constexpr (HD > 0) {
+      values_block<HD, R>(acc, s.data(), vrow, K, G * T, C, vahead);
     } else {
       for (int64_t y = 0; y < Y; ++y)
-        axpys<0>(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
+        axpys(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
     }
   }
   for (int64_t y = 0; y < Y; ++y) permute16<R>(acc + y * Hv, Hv, false);
@@ -724,11 +676,11 @@ ffi::Error run(ffi::ThreadPool& pool, Problem pr, ffi::AnyBuffer k_new, ffi::Any
     float* li = &l[i * Y];
     float* ai = &acc[i * Y * Hv];
     if (H == 64 && Hv == 64)
-      attend<S, 64, 64>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+      attend<S, 64>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
     else if (H == 128 && Hv == 128)
-      attend<S, 128, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+      attend<S, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
     else
-      attend<S, 0, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+      attend<S, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
   });
   // 3. merge the pieces of each row; write out (B, T, N, Hv) and lse (B, T, N)
   std::vector<float> M(Y), D(Y), A(Y * Hv);
