@@ -167,10 +167,14 @@ struct Ahead {
   int64_t quota = 0;           // lines per unit of work
   int64_t row = 0, off = 0;    // the next line to prefetch
   inline void issue(int64_t units) {
-    for (int64_t c = units * quota; c > 0 && row < n; --c) {
-      __builtin_prefetch(rows[row] + off);
-      off += 64;
-      if (off >= bytes[row >= first_value]) {
+    int64_t c = units * quota;
+    while (c > 0 && row < n) {  // a tight loop per row (a per-line cursor cost ~20 % in cache)
+      const int64_t rb = bytes[row >= first_value];
+      const int64_t end = std::min(rb, off + c * 64);
+      const char* p = rows[row];
+      c -= (end - off + 63) / 64;
+      for (; off < end; off += 64) __builtin_prefetch(p + off);
+      if (off >= rb) {
         off = 0;
         ++row;
       }
