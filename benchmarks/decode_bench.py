@@ -159,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--chunk", type=int, default=None,
                     help="cache slots per chunk (default: cached_attention's own choice)")
+    ap.add_argument("--head-dim", type=int, default=64, help="H (default 64)")
     ap.add_argument("--stock", action="store_true", help="also time the stock Flax-style step")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
@@ -166,7 +167,7 @@ def main(argv=None):
     print(format_host(info))
     st = native.status()
     print(f"native CPU decode kernel: {'on' if st['enabled'] else 'off'} ({st['reason']})")
-    print(f"N=8 H=64; step = cached_attention of T new tokens against a full cache, jitted, "
+    print(f"N=8 H={args.head_dim}; step = cached_attention of T new tokens against a full cache, jitted, "
           f"cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
           "interleaved repeats; ratio = median of step/floor timed back to back")
     head = (f"{'B':>2} {'K':>2} {'dtype':>8} {'L':>6} {'T':>2} {'K+V MiB':>8} | "
@@ -182,7 +183,7 @@ def main(argv=None):
                 for dt in args.dtypes:
                     for L in args.lengths:
                         row = bench(B, K, L, jnp.dtype(dt), T, args.repeats, args.chunk,
-                                    args.stock)
+                                    args.stock, H=args.head_dim)
                         rows.append(row)
                         line = (f"{B:>2} {K:>2} {row['dtype']:>8} {L:>6} {T:>2} "
                                 f"{row['cache_MiB']:>8.0f} | {row['floor_ms']:>9.2f} "

@@ -422,15 +422,32 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
       }
 }
 
+// a[0 .. 8W) += sum_{i0 <= i < i1} p[i] * (rows[i] + off)[0 .. 8W), the W accumulators in
+// registers over the rows.
+template <int W, typename R>
+inline void axpy_rows(float* a, const float* p, const typename R::T* const* rows, int64_t off,
+                      int64_t i0, int64_t i1) {
+  v8 av[W];
+#pragma GCC unroll 8
+  for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
+  for (int64_t i = i0; i < i1; ++i) {
+    const typename R::T* r = rows[i] + off;
+    const float pi = p[i];
+#pragma GCC unroll 8
+    for (int v = 0; v < W; ++v) av[v] += pi * row8<R>(r, v);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
+}
+
 // acc[y] += sum_i p[y * BLOCK + i] * (V row i, head y / (T G)), in groups of four rows read in
 // memory order (all kv heads of a group before the next: measured faster than holding the
 // accumulators over the whole block, which reads the block's rows once per 16 values). Per kv
 // head, four columns × 16 values at a time (each value vector loaded once for four columns), or
-// one column × 64 values, the accumulators in registers over the group's rows.
+// one column × 64 values (then HD % 64), the accumulators in registers over the group's rows.
 template <int HD, typename R>
 inline void values_block(float* acc, const float* p, const typename R::T* const* rows, int64_t K,
                          int64_t GT, int64_t C, Ahead& ahead) {
-  constexpr int W = HD < 64 ? HD / 8 : 8;
   constexpr int64_t R4 = 4;  // rows per group: read in memory order, every kv head of them
   for (int64_t i0 = 0; i0 < C; i0 += R4) {
     const int64_t i1 = std::min<int64_t>(C, i0 + R4);
@@ -472,21 +489,12 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
       }
       for (; j < GT; ++j) {
         const int64_t y = k * GT + j;
-        const float* py = p + y * BLOCK;
-        for (int h0 = 0; h0 < HD; h0 += 64) {
-          float* a = acc + y * HD + h0;
-          v8 av[W];
-#pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) av[v] = ld8(a + 8 * v);
-          for (int64_t i = i0; i < i1; ++i) {
-            const typename R::T* r = rows[i] + k * HD + h0;
-            const float pi = py[i];
-#pragma GCC unroll 8
-            for (int v = 0; v < W; ++v) av[v] += pi * row8<R>(r, v);
-          }
-#pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
-        }
+        // 64 values at a time, then the rest (HD % 64, a multiple of 16)
+        int h0 = 0;
+        for (; h0 + 64 <= HD; h0 += 64)
+          axpy_rows<8, R>(acc + y * HD + h0, p + y * BLOCK, rows, k * HD + h0, i0, i1);
+        if constexpr (HD % 64 != 0)
+          axpy_rows<HD % 64 / 8, R>(acc + y * HD + h0, p + y * BLOCK, rows, k * HD + h0, i0, i1);
       }
     }
   }
@@ -515,7 +523,8 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 
 // Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
 // (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :]. HD: the
-// head dim of keys and values when the vector code covers it (64, 128), else 0 (generic path).
+// head dim of keys and values when the vector code covers it (64, 96, 128, 256: a multiple of 16),
+// else 0 (generic path).
 template <typename S, int HD>
 void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc, int64_t b,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
@@ -696,12 +705,13 @@ ffi::Error run(ffi::ThreadPool& pool, Problem pr, ffi::AnyBuffer k_new, ffi::Any
     float* mi = &m[i * Y];
     float* li = &l[i * Y];
     float* ai = &acc[i * Y * Hv];
-    if (H == 64 && Hv == 64)
-      attend<S, 64>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
-    else if (H == 128 && Hv == 128)
-      attend<S, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
-    else
-      attend<S, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+    switch (H == Hv ? H : 0) {  // the head dims of common models (GPT-2, Phi-3, Llama, Gemma)
+      case 64: attend<S, 64>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
+      case 96: attend<S, 96>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
+      case 128: attend<S, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
+      case 256: attend<S, 256>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
+      default: attend<S, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+    }
   });
   // 3. merge the pieces of each row; write out (B, T, N, Hv) and lse (B, T, N)
   std::vector<float> M(Y), D(Y), A(Y * Hv);
