@@ -22,7 +22,38 @@ def pytest_addoption(parser):
     )
 
 
+def _prebuild_native_kernel(config):
+    """On the xdist controller: build the native decode kernel once, in the background, into the
+    kernel cache (``attnjax._src.native``), so that the workers find it instead of each compiling
+    it (a worker that gets there first still builds its own: the result is the same file)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if os.environ.get("ATTNJAX_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
+        "PYTHONPATH")])))
+    config._attnjax_prebuild = subprocess.Popen(
+        [sys.executable, "-c", "from attnjax._src import native; native.status()"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_unconfigure(config):
+    import subprocess  # noqa: PLC0415
+
+    proc = getattr(config, "_attnjax_prebuild", None)
+    if proc is not None:
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def pytest_configure(config):
+    _prebuild_native_kernel(config)
     # Property tests (tests/test_properties.py): a few examples by default, many with --run-slow.
     from hypothesis import settings
 
