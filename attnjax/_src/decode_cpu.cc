@@ -180,7 +180,6 @@ struct Ahead {
       }
     }
   }
-  inline void flush() { issue(n * std::max(bytes[0], bytes[1]) / 64 + 1); }
 };
 
 // max(init, x[0], ..., x[C-1]), eight lanes at a time (a float max loop is not vectorized by
@@ -556,7 +555,8 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
   const int64_t blk = std::clamp<int64_t>((32768 / row_bytes) / 8 * 8, 8, BLOCK);
   for (int64_t pb = p0; pb < p1; pb += blk) {
     const int64_t C = std::min<int64_t>(blk, p1 - pb);
-    // the next block's rows, half of their lines prefetched in each pass over this one
+    // the next block's rows, half of their lines prefetched in each pass over this one (C·K
+    // units per pass, so a quota rounded up covers every line)
     const int64_t next = std::max<int64_t>(0, std::min<int64_t>(blk, p1 - pb - blk));
     Ahead ahead;
     ahead.n = 2 * next;
@@ -620,7 +620,6 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     block_rows<S, R>(pr, vc, b, pb, C, K * Hv, vbuf.data(), vrow);
     if constexpr (HD > 0) {
       values_block<HD, R>(acc, s.data(), vrow, K, G * T, C, ahead);
-      ahead.flush();  // what the quota's rounding left
     } else {
       for (int64_t y = 0; y < Y; ++y)
         axpys(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
