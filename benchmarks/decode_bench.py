@@ -167,8 +167,8 @@ def main(argv=None):
     print(format_host(info))
     st = native.status()
     print(f"native CPU decode kernel: {'on' if st['enabled'] else 'off'} ({st['reason']})")
-    print(f"N=8 H={args.head_dim}; step = cached_attention of T new tokens against a full cache, jitted, "
-          f"cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
+    print(f"N=8 H={args.head_dim}; step = cached_attention of T new tokens against a full cache, "
+          f"jitted, cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
           "interleaved repeats; ratio = median of step/floor timed back to back")
     head = (f"{'B':>2} {'K':>2} {'dtype':>8} {'L':>6} {'T':>2} {'K+V MiB':>8} | "
             f"{'floor ms':>9} {'step ms':>9} {'ratio':>6} {'temp MiB':>8} | "
