@@ -68,11 +68,10 @@ def test_native_kernel_is_built_where_a_compiler_exists():
 
 
 def _histories(seed=0, total=TOTAL):
-    r = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(r[0], (B, total, N, H), jnp.float32)
-    k = jax.random.normal(r[1], (B, total, K, H), jnp.float32)
-    v = jax.random.normal(r[2], (B, total, K, H), jnp.float32)
-    return q, k, v
+    # Drawn by NumPy: jax.random.normal compiles once per shape (and again under x64).
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((B, total, n, H)), jnp.float32)
+                 for n in (N, K, K))
 
 
 def _ref(q, k, v, b, p, window=None, cap=None):
@@ -262,10 +261,8 @@ def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max, reduce_max)
 
 def test_multi_query_cache_single_kv_head(decode_path):
     """K = 1 (multi-query): every step takes the all-heads product, long steps included."""
-    r = jax.random.split(jax.random.key(6), 3)
-    q = jax.random.normal(r[0], (2, 20, 4, 8), jnp.float32)
-    k = jax.random.normal(r[1], (2, 20, 1, 8), jnp.float32)
-    v = jax.random.normal(r[2], (2, 20, 1, 8), jnp.float32)
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 20, n, 8)), jnp.float32) for n in (4, 1, 1))
     step = jax.jit(lambda q, k, v, c: cached_attention(q, k, v, c, chunk_size=4))
     cache = KVCache.create(2, 20, 1, 8)
     outs = []
@@ -303,8 +300,9 @@ def test_x64_float64_computes_in_float64_and_float32_with_int32_indices(monkeypa
             out, cache = step(qs[:, :7], ks[:, :7], vs[:, :7], cache,
                               jnp.full((B,), 7, jnp.int32))
             got.update({(b, p): np.asarray(out)[b, p] for b in range(B) for p in range(7)})
+            single = jax.jit(lambda *a: cached_attention(*a))  # one compile for the 5 steps
             for p in range(7, 12):
-                out, cache = jax.jit(lambda *a: cached_attention(*a))(
+                out, cache = single(
                     qs[:, p:p + 1], ks[:, p:p + 1], vs[:, p:p + 1], cache)
                 assert out.dtype == dtype
                 got.update({(b, p): np.asarray(out)[b, 0] for b in range(B)})
@@ -381,16 +379,16 @@ def test_forward_derivative_of_a_step(x64):
     run with the default path checks both the wiring and the XLA derivative) against
     a float64 dense reference, with tangents on the query, the new key/value and the cache.
     (Reverse mode is not available: the cache is read by a loop with a dynamic trip count.)"""
-    r = jax.random.split(jax.random.key(9), 4)
+    # NumPy draws the data: under x64, jax.random.normal compiles once per shape (seconds each).
+    rng = np.random.default_rng(9)
+    normal = lambda shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     P = 11
-    q = jax.random.normal(r[0], (B, P + 1, N, H), jnp.float32)
-    k = jax.random.normal(r[1], (B, P + 1, K, H), jnp.float32)
-    v = jax.random.normal(r[2], (B, P + 1, K, H), jnp.float32)
-    kc = jnp.zeros((B, 16, K, H), jnp.float32).at[:, :P].set(k[:, :P])
-    vc = jnp.zeros((B, 16, K, H), jnp.float32).at[:, :P].set(v[:, :P])
-    args = (q[:, P:], k[:, P:], v[:, P:], kc, vc)
-    tangents = tuple(jax.random.normal(kk, a.shape, jnp.float32)
-                     for kk, a in zip(jax.random.split(r[3], 5), args, strict=True))
+    q, k, v = normal((B, P + 1, N, H)), normal((B, P + 1, K, H)), normal((B, P + 1, K, H))
+    kc = np.zeros((B, 16, K, H), np.float32)
+    vc = np.zeros((B, 16, K, H), np.float32)
+    kc[:, :P], vc[:, :P] = k[:, :P], v[:, :P]
+    args = tuple(jnp.asarray(a) for a in (q[:, P:], k[:, P:], v[:, P:], kc, vc))
+    tangents = tuple(jnp.asarray(normal(a.shape)) for a in args)
 
     def step(qt, kt, vt, kc, vc):
         out, _ = cached_attention(qt, kt, vt, KVCache(kc, vc, jnp.full((B,), P, jnp.int32)))
@@ -457,11 +455,11 @@ def test_realistic_head_dims(n, k, h, window, dtype, decode_path):
     bfloat16/float16 caches (read by their own code in the kernel); against a float64 reference
     of the stored values."""
     b, total = 2, 150
-    r = jax.random.split(jax.random.key(10), 3)
-    q = jax.random.normal(r[0], (b, total, n, h), jnp.float32)
+    rng = np.random.default_rng(10)
+    q = jnp.asarray(rng.standard_normal((b, total, n, h)), jnp.float32)
     # what the cache stores, exactly (the reference sees the rounded values)
-    kk = jax.random.normal(r[1], (b, total, k, h), jnp.float32).astype(dtype)
-    vv = jax.random.normal(r[2], (b, total, k, h), jnp.float32).astype(dtype)
+    kk, vv = (jnp.asarray(rng.standard_normal((b, total, k, h)), jnp.float32).astype(dtype)
+              for _ in range(2))
     cache = KVCache.create(b, None if window else 145, k, h, dtype=dtype, window=window)
     step = jax.jit(lambda q, k, v, c, m: cached_attention(q, k, v, c, query_seq_lengths=m))
     schedule = [(8, [8, 5])] + [(1, [1, 1])] * 3 + [(4, [4, 3])] + [(8, [8, 8])] * 15 + \
