@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import chex
 import jax
@@ -174,10 +175,9 @@ def _build(case: Case, dtype, seed=0):
     )
 
 
-def _run(case: Case, impl_kw: dict, dtype, data, call=None):
-    """Library forward (output, lse) and VJP (dq, dk, dv, dbias) in float32 NumPy.
-
-    ``call(fn, *args)`` runs the forward+VJP function (default: ``jax.jit(fn)(*args)``)."""
+def _prepare(case: Case, impl_kw: dict, dtype, data):
+    """``(fwd_bwd, args, finish)``: the library's forward+VJP function of a case, its arguments,
+    and ``finish(result) -> (out, lse, grads)`` in float32 NumPy (see :func:`_run`)."""
     lib = {**data["lib"], **impl_kw}
     arrays = [jnp.asarray(data[n], dtype) for n in ("q", "k", "v")]
     has_bias = data["bias"] is not None
@@ -201,32 +201,66 @@ def _run(case: Case, impl_kw: dict, dtype, data, call=None):
         grads = vjp((dout, jnp.zeros_like(lse)))
         return out, lse, grads
 
+    def finish(result):
+        out, lse, grads = result
+        to_np = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+        out, lse, grads = to_np(out), to_np(lse), [to_np(g) for g in grads]
+        if case.unbatched:
+            out, lse, grads = out[None], lse[None], [g[None] for g in grads]
+        if not has_bias:
+            grads.append(None)
+        return out, lse, grads
+
+    return fwd_bwd, (arrays, dout), finish
+
+
+def _run(case: Case, impl_kw: dict, dtype, data, call=None):
+    """Library forward (output, lse) and VJP (dq, dk, dv, dbias) in float32 NumPy.
+
+    ``call(fn, *args)`` runs the forward+VJP function (default: ``jax.jit(fn)(*args)``)."""
+    fwd_bwd, args, finish = _prepare(case, impl_kw, dtype, data)
     call = call or (lambda fn, *args: jax.jit(fn)(*args))
-    out, lse, grads = call(fwd_bwd, arrays, dout)
-    to_np = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    out, lse, grads = to_np(out), to_np(lse), [to_np(g) for g in grads]
-    if case.unbatched:
-        out, lse, grads = out[None], lse[None], [g[None] for g in grads]
-    if not has_bias:
-        grads.append(None)
-    return out, lse, grads
+    return finish(call(fwd_bwd, *args))
 
 
 def _assert_close(name, got, want, tol):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=name)
 
 
-# (case name, implementation, dtype name) -> (data, out, lse, grads): a computation shared by the
-# tests that check different things of it (the float32 table and the fully-masked-rows test on
-# "empty_rows", kept on one worker by their xdist group), so it is compiled once.
+# (case name, implementation, dtype name) -> (data, out, lse, grads): computations shared by
+# tests. XLA:CPU compiles a handful of cases side by side in one program in about half the time
+# of compiling them one by one (each compile has a large fixed cost), so the cases of the table
+# that this run selects are computed in batches (_BATCH cases of one implementation and dtype under
+# one jax.jit; see _batch_of); each test still checks its own case against the float64 reference.
+# The tests of this module share one xdist group, so the batches are computed once, on one worker.
 _COMPUTED: dict = {}
+_BATCH = 8
+# (implementation, dtype name) -> the case names this run selects (filled by the parametrization
+# helpers below; which of them are slow is known when the tests are collected).
+_SELECTED: dict = {}
+
+
+def _batch_of(case: Case, impl: str, dtype) -> list[Case]:
+    """The cases computed together with ``case``: its batch among the selected cases of the same
+    implementation and dtype (``case`` alone if it is not among them)."""
+    names = _SELECTED.get((impl, jnp.dtype(dtype).name), [])
+    if case.name not in names:
+        return [case]
+    i = names.index(case.name) // _BATCH * _BATCH
+    return [next(c for c in CASES if c.name == n) for n in names[i:i + _BATCH]]
 
 
 def _computed(case: Case, impl: str, dtype):
     key = (case.name, impl, jnp.dtype(dtype).name)
     if key not in _COMPUTED:
-        data = _build(case, dtype)
-        _COMPUTED[key] = (data, *_run(case, IMPLEMENTATIONS[impl], dtype, data))
+        batch = [c for c in _batch_of(case, impl, dtype)
+                 if (c.name, impl, jnp.dtype(dtype).name) not in _COMPUTED]
+        datas = [_build(c, dtype) for c in batch]
+        prepared = [_prepare(c, IMPLEMENTATIONS[impl], dtype, d) for c, d in zip(batch, datas, strict=True)]
+        results = jax.jit(lambda all_args: [fn(*a) for (fn, _, _), a in zip(
+            prepared, all_args, strict=True)])([args for _, args, _ in prepared])
+        for c, d, (_, _, finish), r in zip(batch, datas, prepared, results, strict=True):
+            _COMPUTED[(c.name, impl, jnp.dtype(dtype).name)] = (d, *finish(r))
     return _COMPUTED[key]
 
 
@@ -271,20 +305,9 @@ XLA_DEFAULT = {"combined", "empty_rows", "decode_T1", "mask_broadcast", "unbatch
                "value_head_dim"}
 
 
-def _float32_params():
-    for case in CASES:
-        for impl in IMPLEMENTATIONS:
-            slow = ((impl == "xla_chunked_uneven" and case.name not in UNEVEN_DEFAULT)
-                    or (impl == "xla" and case.name not in XLA_DEFAULT))
-            marks = [pytest.mark.slow] if slow else []
-            if case.name == "empty_rows":  # shares its computation, see _computed
-                marks.append(pytest.mark.xdist_group("attention_empty_rows"))
-            yield pytest.param(case, impl, id=f"{case.name}-{impl}", marks=marks)
-
-
-@pytest.mark.parametrize("case,impl", list(_float32_params()))
-def test_matches_reference_float32(case, impl):
-    _check(case, impl, jnp.float32)
+def _float32_slow(case: Case, impl: str) -> bool:
+    return ((impl == "xla_chunked_uneven" and case.name not in UNEVEN_DEFAULT)
+            or (impl == "xla" and case.name not in XLA_DEFAULT))
 
 
 # Low precision by default: bfloat16 (the training dtype) in the chunked kernel on every case of
@@ -293,16 +316,56 @@ def test_matches_reference_float32(case, impl):
 # "plain"/"causal", and float16 in "xla") with --run-slow.
 LOW_PRECISION_DEFAULT = {"combined", "mqa", "empty_rows"}
 
+LOW_PRECISION_DTYPES = ((jnp.bfloat16, "bf16"), (jnp.float16, "f16"))
+
+
+def _low_precision_slow(name: str, impl: str, did: str) -> bool:
+    return ((impl == "xla" and did == "f16")
+            or (not (impl == "xla_chunked" and did == "bf16")
+                and name not in LOW_PRECISION_DEFAULT))
+
+
+# The cases each batch holds (conftest.py sets ATTNJAX_RUN_SLOW before the tests are collected).
+_RUN_SLOW = os.environ.get("ATTNJAX_RUN_SLOW") == "1"
+for _impl in IMPLEMENTATIONS:
+    _SELECTED[(_impl, "float32")] = [c.name for c in CASES
+                                     if _RUN_SLOW or not _float32_slow(c, _impl)]
+for _impl in ("xla", "xla_chunked"):
+    for _dtype, _did in LOW_PRECISION_DTYPES:
+        _SELECTED[(_impl, jnp.dtype(_dtype).name)] = [
+            n for n in LOW_PRECISION_CASES if _RUN_SLOW or not _low_precision_slow(n, _impl, _did)]
+
+
+def _group(name: str, impl: str, dtype) -> tuple:
+    """The xdist group of a selected case (the batch it is computed in), else no mark."""
+    names = _SELECTED.get((impl, jnp.dtype(dtype).name), [])
+    if name not in names:
+        return ()
+    return (pytest.mark.xdist_group(f"attention-{impl}-{jnp.dtype(dtype).name}-"
+                                    f"{names.index(name) // _BATCH}"),)
+
+
+def _float32_params():
+    for case in CASES:
+        for impl in IMPLEMENTATIONS:
+            slow = _float32_slow(case, impl)
+            marks = ([pytest.mark.slow] if slow else []) + list(_group(case.name, impl,
+                                                                       jnp.float32))
+            yield pytest.param(case, impl, id=f"{case.name}-{impl}", marks=marks)
+
+
+@pytest.mark.parametrize("case,impl", list(_float32_params()))
+def test_matches_reference_float32(case, impl):
+    _check(case, impl, jnp.float32)
+
 
 def _low_precision_params():
     for name in LOW_PRECISION_CASES:
         for impl in ("xla", "xla_chunked"):
-            for dtype, did in ((jnp.bfloat16, "bf16"), (jnp.float16, "f16")):
-                slow = ((impl == "xla" and did == "f16")
-                        or (not (impl == "xla_chunked" and did == "bf16")
-                            and name not in LOW_PRECISION_DEFAULT))
-                yield pytest.param(name, impl, dtype, id=f"{name}-{impl}-{did}",
-                                   marks=pytest.mark.slow if slow else ())
+            for dtype, did in LOW_PRECISION_DTYPES:
+                slow = _low_precision_slow(name, impl, did)
+                marks = ([pytest.mark.slow] if slow else []) + list(_group(name, impl, dtype))
+                yield pytest.param(name, impl, dtype, id=f"{name}-{impl}-{did}", marks=marks)
 
 
 @pytest.mark.parametrize("name,impl,dtype", list(_low_precision_params()))
@@ -311,8 +374,9 @@ def test_matches_reference_low_precision(name, impl, dtype):
     data, out, _ = _check(case, impl, dtype)
 
 
-@pytest.mark.xdist_group("attention_empty_rows")
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+# Shares the float32 table's computation of "empty_rows" (same batch, same xdist group).
+@pytest.mark.parametrize("impl", [pytest.param(impl, marks=_group("empty_rows", impl, jnp.float32))
+                                  for impl in IMPLEMENTATIONS])
 def test_fully_masked_rows_are_zero_with_zero_gradients(impl):
     case = next(c for c in CASES if c.name == "empty_rows")
     data, out, lse, (dq, dk, dv, _) = _computed(case, impl, jnp.float32)
