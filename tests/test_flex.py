@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -198,19 +199,66 @@ QUICK = {
     "xla": ["t5", "sinks_empty_rows"],
     "chunked_block_mask": ["causal_offset", "doc_causal", "per_head"],
 }
-GRID = [pytest.param(c, impl, id=f"{c.name}-{impl}",
-                     marks=() if c.name in QUICK[impl] else pytest.mark.slow)
+# The cases of one implementation that this run selects are compiled in batches of _BATCH under
+# one jax.jit (XLA:CPU compiles a few cases side by side in about half the time of one by one);
+# each test still checks its own case. A batch is one xdist group, so it is computed once.
+_RUN_SLOW = os.environ.get("ATTNJAX_RUN_SLOW") == "1"  # set by conftest.py before collection
+_BATCH = 8
+
+
+def _selected(impl):
+    return [c.name for c in CASES if (_RUN_SLOW or c.name in QUICK[impl])
+            and not (impl == "chunked_block_mask" and c.mask is None)]
+
+
+def _grid_marks(case, impl):
+    names = _selected(impl)
+    if case.name not in names:
+        return (pytest.mark.slow,) if case.name not in QUICK[impl] else ()
+    group = pytest.mark.xdist_group(f"flex-{impl}-{names.index(case.name) // _BATCH}")
+    return (group,) if case.name in QUICK[impl] else (group, pytest.mark.slow)
+
+
+GRID = [pytest.param(c, impl, id=f"{c.name}-{impl}", marks=_grid_marks(c, impl))
         for impl in IMPLS for c in CASES]
+_LIBRARY: dict = {}  # (case name, impl) -> (out, lse, grads) of the library, float32 inputs
+
+
+def _argnums(case):
+    return (0, 1, 2, 3) + ((4,) if case.sinks else ())
+
+
+def library_grads(case, impl):
+    """:func:`_grads` of the library on ``case``, computed with the rest of its batch."""
+    if (case.name, impl) not in _LIBRARY:
+        names = _selected(impl)
+        if case.name in names:
+            i = names.index(case.name) // _BATCH * _BATCH
+            batch = [c for c in CASES if c.name in names[i:i + _BATCH]
+                     and (c.name, impl) not in _LIBRARY]
+        else:
+            batch = [case]
+        fns, all_args = [], []
+        for c in batch:
+            data = _inputs(c, np.float32)
+            lib = _library(c, IMPLS[impl], impl == "chunked_block_mask")
+            loss = _loss(lib, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
+            fns.append(jax.value_and_grad(loss, argnums=_argnums(c), has_aux=True))
+            all_args.append([jnp.asarray(data[n]) for n in ("q", "k", "v")]
+                            + [jax.tree.map(jnp.asarray, data["params"]),
+                               None if data["sinks"] is None else jnp.asarray(data["sinks"])])
+        results = jax.jit(lambda xs: [f(*a) for f, a in zip(fns, xs, strict=True)])(all_args)
+        for c, ((_, (out, lse)), grads) in zip(batch, results, strict=True):
+            _LIBRARY[(c.name, impl)] = (out, lse, grads)
+    return _LIBRARY[(case.name, impl)]
 
 
 @pytest.mark.parametrize(("case", "impl"), GRID)
 def test_matches_dense_float64_reference(case, impl, x64):
     if impl == "chunked_block_mask" and case.mask is None:
         pytest.skip("no mask_mod to build a block mask from")
-    argnums = (0, 1, 2, 3) + ((4,) if case.sinks else ())
-    want = reference_grads(case, argnums)
-    lib = _library(case, IMPLS[impl], impl == "chunked_block_mask")
-    assert_matches_reference(case, _grads(lib, _inputs(case, np.float32), argnums), want)
+    want = reference_grads(case, _argnums(case))
+    assert_matches_reference(case, library_grads(case, impl), want)
 
 
 def assert_matches_reference(case, got, want):
