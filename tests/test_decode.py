@@ -30,6 +30,12 @@ XLA_BY_DEFAULT = {
 }
 
 
+# Native variants with --run-slow only: gqa2-h64-ring reads a float32 cache of head dim 64, the
+# same kernel instantiation as gqa4-h64; its ring buffer and groups of 2 are read by default in
+# gqa2-h64-ring-f16, gqa2-h96-bf16 and mqa-h256-ring.
+NATIVE_SLOW = {"test_realistic_head_dims[native-gqa2-h64-ring]"}
+
+
 @pytest.fixture(params=["native", "xla"])
 def decode_path(request):
     """Each test twice: steps by the native CPU kernel (where it serves them: float32 compute,
@@ -42,6 +48,8 @@ def decode_path(request):
         with native.disabled():
             yield "xla"
     else:
+        if request.node.name in NATIVE_SLOW and not request.config.getoption("--run-slow"):
+            pytest.skip("slow: runs with --run-slow")
         if not native.enabled():
             pytest.skip(f"native decode kernel unavailable: {native.status()['reason']}")
         yield "native"

@@ -111,15 +111,18 @@ def test_bf16_default_implementation_one_query_chunk():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "xla_chunked"])
 def test_low_precision_every_trip_count(impl, dtype):
-    """One-trip and many-trip loops (T, S = 1, 7, 8, 9 around a chunk of 8) forward and grad."""
+    """One-trip and many-trip loops (T, S = 1, 7, 8, 9 around a chunk of 8) forward and grad
+    (the four shapes under one jax.jit: one compile)."""
+    grad = jax.grad(lambda a, b, c: attnjax.dot_product_attention(
+        a, b, c, implementation=impl, chunk_size=8).astype(jnp.float32).sum(), (0, 1, 2))
+    inputs = []
     for T, S in [(1, 1), (7, 8), (9, 8), (8, 17)]:
         rng = np.random.default_rng(T * 31 + S)
         q = jnp.asarray(rng.standard_normal((1, T, 2, 8)), dtype)
         k, v = (jnp.asarray(rng.standard_normal((1, S, 1, 8)), dtype) for _ in range(2))
-        g = jax.jit(jax.grad(lambda a, b, c: attnjax.dot_product_attention(
-            a, b, c, implementation=impl, chunk_size=8).astype(jnp.float32).sum(),
-            (0, 1, 2)))(q, k, v)
-        g = jax.block_until_ready(g)
+        inputs.append((q, k, v))
+    grads = jax.block_until_ready(jax.jit(lambda xs: [grad(*x) for x in xs])(inputs))
+    for (q, k, v), g in zip(inputs, grads, strict=True):
         _, want = _ref_grads(q, k, v)
         for got, w in zip(g, want[:3], strict=True):
             np.testing.assert_allclose(np.asarray(got, np.float64), w, atol=0.05, rtol=0.05)
