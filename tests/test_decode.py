@@ -100,15 +100,34 @@ def _ref(q, k, v, b, p, window=None, cap=None):
     return out
 
 
-def _run(schedule, cache, q, k, v, step, **kw):
-    """Feed ``schedule``: list of (T, per-row counts). Returns {(b, pos): output}."""
+def _run(schedule, cache, q, k, v, step, *, fused=False):
+    """Feed ``schedule``: list of (T, per-row counts). Returns {(b, pos): output}.
+
+    ``fused=True``: ``step`` is a plain (not jitted) function, and the whole schedule runs as one
+    jitted program (one compile instead of one per step shape)."""
     got = {}
     pos = np.zeros(B, int)
+    inputs, p = [], pos.copy()
     for T, counts in schedule:
+        take = np.stack([np.minimum(p[b] + np.arange(T), TOTAL - 1) for b in range(B)])
+        inputs.append(tuple(jnp.asarray(np.asarray(x)[np.arange(B)[:, None], take])
+                            for x in (q, k, v)) + (jnp.asarray(counts, jnp.int32),))
+        p += np.asarray(counts)
+    if fused:
+        def run_all(cache, inputs):
+            outs = []
+            for x in inputs:
+                out, cache = step(*x[:3], cache, x[3])
+                outs.append(out)
+            return outs, cache
+
+        outs, cache = jax.jit(run_all)(cache, inputs)
+    for i, (T, counts) in enumerate(schedule):
         counts = np.asarray(counts)
-        take = np.stack([np.minimum(pos[b] + np.arange(T), TOTAL - 1) for b in range(B)])
-        qs, ks, vs = (jnp.asarray(np.asarray(x)[np.arange(B)[:, None], take]) for x in (q, k, v))
-        out, cache = step(qs, ks, vs, cache, jnp.asarray(counts, jnp.int32))
+        if fused:
+            out = outs[i]
+        else:
+            out, cache = step(*inputs[i][:3], cache, inputs[i][3])
         out = np.asarray(out)
         for b in range(B):
             for t in range(T):
@@ -128,11 +147,10 @@ def _check(got, q, k, v, **ref_kw):
                                    err_msg=f"row {b} position {p}")
 
 
-def _stepper(**kw):
-    @jax.jit
+def _stepper(jit=True, **kw):
     def step(q, k, v, cache, n):
         return cached_attention(q, k, v, cache, query_seq_lengths=n, **kw)
-    return step
+    return jax.jit(step) if jit else step
 
 
 @pytest.mark.parametrize("prompt,chunk", [(1, 3), (5, 3), (11, 3), (5, 1024)])
@@ -259,11 +277,13 @@ def test_flat_and_per_head_reads_of_the_cache(monkeypatch, flat_max, reduce_max)
     monkeypatch.setattr(decode, "REDUCE_MAX_COLUMNS", reduce_max)
     q, k, v = _histories(5)
     schedule = [(5, [5, 2, 4]), (1, [1, 1, 1]), (3, [3, 0, 2]), (1, [1, 1, 1])]
-    step = _stepper(chunk_size=3, local_window_size=(4, 0), logits_soft_cap=3.0)
-    got, _ = _run(schedule, KVCache.create(B, 14, K, H), q, k, v, step)
+    # Each schedule as one jitted program (the reads are the same as in a jitted step; one
+    # compile instead of three).
+    step = _stepper(jit=False, chunk_size=3, local_window_size=(4, 0), logits_soft_cap=3.0)
+    got, _ = _run(schedule, KVCache.create(B, 14, K, H), q, k, v, step, fused=True)
     _check(got, q, k, v, window=4, cap=3.0)
     got, _ = _run(schedule, KVCache.create(B, None, K, H, window=5), q, k, v,
-                  _stepper(chunk_size=2))
+                  _stepper(jit=False, chunk_size=2), fused=True)
     _check(got, q, k, v, window=4)
 
 
