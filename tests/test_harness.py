@@ -197,7 +197,9 @@ def _problem(cfg: Config, seed: int = 0):
                 want_lse=want_lse, want_grads=want_grads, vis=vis)
 
 
-def _run_library(cfg: Config, data):
+def _prepare_library(cfg: Config, data):
+    """``(fwd_bwd, args, finish)``: the library's forward+VJP of one grid point, its arguments,
+    and ``finish(result) -> (out, lse, grads)`` in float64 NumPy (see :func:`_run_library`)."""
     dtype = DTYPES[cfg.dtype]
     lib = dict(data["lib"], implementation=cfg.impl, chunk_size=CHUNKS[cfg.chunk])
     has_bias = data["bias"] is not None
@@ -214,19 +216,32 @@ def _run_library(cfg: Config, data):
         (out, lse), vjp = jax.vjp(f, *xs)
         return out, lse, vjp((dout, jnp.zeros_like(lse)))
 
+    def finish(result):
+        out, lse, grads = jax.block_until_ready(result)
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+        to64 = lambda x: np.asarray(
+            jnp.asarray(x, jnp.float32 if cfg.dtype != "f64" else x.dtype), np.float64)
+        grads = [to64(g) for g in grads] + ([] if has_bias else [None])
+        return to64(out), to64(lse), grads
+
+    return fwd_bwd, (xs, dout), finish
+
+
+def _run_library(cfg: Config, data):
+    fwd_bwd, args, finish = _prepare_library(cfg, data)
     if cfg.mode == "jit":
         fwd_bwd = jax.jit(fwd_bwd)
-    out, lse, grads = jax.block_until_ready(fwd_bwd(xs, dout))
-    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    to64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32 if cfg.dtype != "f64" else x.dtype),
-                                np.float64)
-    grads = [to64(g) for g in grads] + ([] if has_bias else [None])
-    return to64(out), to64(lse), grads
+    return finish(fwd_bwd(*args))
 
 
-def check_config(cfg: Config):
-    data = _problem(cfg)
-    out, lse, grads = _run_library(cfg, data)
+def check_config(cfg: Config, computed=None):
+    """``cfg`` against the float64 reference; ``computed = (data, (out, lse, grads))`` where the
+    library's results were computed already (e.g. with other grid points under one jit)."""
+    if computed is None:
+        data = _problem(cfg)
+        out, lse, grads = _run_library(cfg, data)
+    else:
+        data, (out, lse, grads) = computed
     ftol, gtol = TOLERANCES[cfg.dtype]
     assert np.all(np.isfinite(out)), "non-finite output"
     np.testing.assert_allclose(out, data["want_out"], atol=ftol, rtol=ftol, err_msg="output")

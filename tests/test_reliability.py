@@ -26,7 +26,7 @@ import attnjax
 import attnjax.linen
 import attnjax.nnx
 from tests import reference as ref
-from tests.test_harness import Config, check_config
+from tests.test_harness import Config, _prepare_library, _problem, check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,13 +164,37 @@ X64_MASKS_DEFAULT = {"combo_causal_lengths_segments_bias", "combo_window_mask_so
                      "window_causal", "empty_rows", "mask_broadcast", "bias"}
 
 
-@pytest.mark.parametrize("mask", [m if m in X64_MASKS_DEFAULT
-                                  else pytest.param(m, marks=pytest.mark.slow)
-                                  for m in DEBUG_NAN_MASKS])
+# The selected mask kinds are compiled as one program (one compile instead of one per kind; one
+# xdist group), each test checking its own kind.
+_RUN_SLOW = os.environ.get("ATTNJAX_RUN_SLOW") == "1"  # set by conftest.py before collection
+X64_MASKS_SELECTED = [m for m in DEBUG_NAN_MASKS if _RUN_SLOW or m in X64_MASKS_DEFAULT]
+_X64_COMPUTED: dict = {}
+
+
+def _x64_mask_config(mask):
+    return Config("xla_chunked", "f32", "uneven8x12", mask, "jit", 13, 29, 4, 2, 16, 16)
+
+
+def _x64_mask_results(mask):
+    if mask not in _X64_COMPUTED:
+        kinds = X64_MASKS_SELECTED if mask in X64_MASKS_SELECTED else [mask]
+        datas = [_problem(_x64_mask_config(m)) for m in kinds]
+        prepared = [_prepare_library(_x64_mask_config(m), d)
+                    for m, d in zip(kinds, datas, strict=True)]
+        results = jax.jit(lambda all_args: [f(*a) for (f, _, _), a in zip(
+            prepared, all_args, strict=True)])([a for _, a, _ in prepared])
+        for m, d, (_, _, finish), r in zip(kinds, datas, prepared, results, strict=True):
+            _X64_COMPUTED[m] = (d, finish(r))
+    return _X64_COMPUTED[mask]
+
+
+@pytest.mark.parametrize("mask", [pytest.param(m, marks=(
+    pytest.mark.xdist_group("x64_masks"),) + (() if m in X64_MASKS_DEFAULT else (
+        pytest.mark.slow,))) for m in DEBUG_NAN_MASKS])
 def test_x64_every_mask_kind_float32_inputs(mask):
     """The same float32 problems with jax_enable_x64 on (index arithmetic must not change)."""
     with jax.enable_x64(True):
-        check_config(Config("xla_chunked", "f32", "uneven8x12", mask, "jit", 13, 29, 4, 2, 16, 16))
+        check_config(_x64_mask_config(mask), _x64_mask_results(mask))
 
 
 # The default run checks cached attention under x64 (float64 and float32 caches, prefill and
@@ -277,8 +301,6 @@ def _debug_nan_params():
 
 @pytest.mark.parametrize("impl,jit,mask_kinds", list(_debug_nan_params()))
 def test_debug_nans_every_mask_kind(impl, jit, mask_kinds):
-    from tests.test_harness import _problem
-
     problems = []
     for mask in mask_kinds:
         cfg = Config(impl, "f32", "uneven8x12", mask, "jit", 11, 19, 4, 2, 8, 8)
