@@ -54,7 +54,7 @@ def pytest_unconfigure(config):
 
 def pytest_configure(config):
     _prebuild_native_kernel(config)
-    # Read by test modules when they are collected (tests/test_attention.py batches the cases
+    # Read by tests/_batching.py when the test modules are collected (the tables batch the cases
     # this run selects); set here, before collection, on the controller and on every worker.
     os.environ["ATTNJAX_RUN_SLOW"] = "1" if config.getoption("--run-slow") else "0"
     # Property tests (tests/test_properties.py): a few examples by default, many with --run-slow.

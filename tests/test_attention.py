@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import chex
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 import attnjax
+from tests import _batching
 from tests import reference as ref
 
 # Every implementation runs the whole table; "xla_chunked" with small chunks so that the cases
@@ -177,7 +177,8 @@ def _build(case: Case, dtype, seed=0):
 
 def _prepare(case: Case, impl_kw: dict, dtype, data):
     """``(fwd_bwd, args, finish)``: the library's forward+VJP function of a case, its arguments,
-    and ``finish(result) -> (out, lse, grads)`` in float32 NumPy (see :func:`_run`)."""
+    and ``finish(fwd_bwd(*args)) -> (out, lse, grads)``: the output, lse and VJP (dq, dk, dv,
+    dbias) as float64 NumPy arrays of the float32 values."""
     lib = {**data["lib"], **impl_kw}
     arrays = [jnp.asarray(data[n], dtype) for n in ("q", "k", "v")]
     has_bias = data["bias"] is not None
@@ -214,52 +215,30 @@ def _prepare(case: Case, impl_kw: dict, dtype, data):
     return fwd_bwd, (arrays, dout), finish
 
 
-def _run(case: Case, impl_kw: dict, dtype, data, call=None):
-    """Library forward (output, lse) and VJP (dq, dk, dv, dbias) in float32 NumPy.
-
-    ``call(fn, *args)`` runs the forward+VJP function (default: ``jax.jit(fn)(*args)``)."""
-    fwd_bwd, args, finish = _prepare(case, impl_kw, dtype, data)
-    call = call or (lambda fn, *args: jax.jit(fn)(*args))
-    return finish(call(fwd_bwd, *args))
-
-
 def _assert_close(name, got, want, tol):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=name)
 
 
-# (case name, implementation, dtype name) -> (data, out, lse, grads): computations shared by
-# tests. XLA:CPU compiles a handful of cases side by side in one program in about half the time
-# of compiling them one by one (each compile has a large fixed cost), so the cases of the table
-# that this run selects are computed in batches (_BATCH cases of one implementation and dtype under
-# one jax.jit; see _batch_of); each test still checks its own case against the float64 reference.
-# The tests of this module share one xdist group, so the batches are computed once, on one worker.
+# (case name, implementation, dtype name) -> (data, out, lse, grads): the library's results,
+# computed in batches of the cases this run selects (tests/_batching.py); each test checks its own
+# case against the float64 reference.
 _COMPUTED: dict = {}
-_BATCH = 8
-# (implementation, dtype name) -> the case names this run selects (filled by the parametrization
-# helpers below; which of them are slow is known when the tests are collected).
+# (implementation, dtype name) -> the case names this run selects (filled below, at collection).
 _SELECTED: dict = {}
-
-
-def _batch_of(case: Case, impl: str, dtype) -> list[Case]:
-    """The cases computed together with ``case``: its batch among the selected cases of the same
-    implementation and dtype (``case`` alone if it is not among them)."""
-    names = _SELECTED.get((impl, jnp.dtype(dtype).name), [])
-    if case.name not in names:
-        return [case]
-    i = names.index(case.name) // _BATCH * _BATCH
-    return [next(c for c in CASES if c.name == n) for n in names[i:i + _BATCH]]
 
 
 def _computed(case: Case, impl: str, dtype):
     key = (case.name, impl, jnp.dtype(dtype).name)
     if key not in _COMPUTED:
-        batch = [c for c in _batch_of(case, impl, dtype)
-                 if (c.name, impl, jnp.dtype(dtype).name) not in _COMPUTED]
-        datas = [_build(c, dtype) for c in batch]
-        prepared = [_prepare(c, IMPLEMENTATIONS[impl], dtype, d) for c, d in zip(batch, datas, strict=True)]
-        results = jax.jit(lambda all_args: [fn(*a) for (fn, _, _), a in zip(
-            prepared, all_args, strict=True)])([args for _, args, _ in prepared])
-        for c, d, (_, _, finish), r in zip(batch, datas, prepared, results, strict=True):
+        names = _batching.batch(case.name, _SELECTED.get((impl, jnp.dtype(dtype).name), []))
+        cases = [c for n in names for c in CASES
+                 if c.name == n and (n, impl, jnp.dtype(dtype).name) not in _COMPUTED]
+        datas = [_build(c, dtype) for c in cases]
+        prepared = [_prepare(c, IMPLEMENTATIONS[impl], dtype, d)
+                    for c, d in zip(cases, datas, strict=True)]
+        results = _batching.jit_together([fn for fn, _, _ in prepared],
+                                         [args for _, args, _ in prepared])
+        for c, d, (_, _, finish), r in zip(cases, datas, prepared, results, strict=True):
             _COMPUTED[(c.name, impl, jnp.dtype(dtype).name)] = (d, *finish(r))
     return _COMPUTED[key]
 
@@ -325,24 +304,21 @@ def _low_precision_slow(name: str, impl: str, did: str) -> bool:
                 and name not in LOW_PRECISION_DEFAULT))
 
 
-# The cases each batch holds (conftest.py sets ATTNJAX_RUN_SLOW before the tests are collected).
-_RUN_SLOW = os.environ.get("ATTNJAX_RUN_SLOW") == "1"
+# The cases each batch holds.
 for _impl in IMPLEMENTATIONS:
     _SELECTED[(_impl, "float32")] = [c.name for c in CASES
-                                     if _RUN_SLOW or not _float32_slow(c, _impl)]
+                                     if _batching.RUN_SLOW or not _float32_slow(c, _impl)]
 for _impl in ("xla", "xla_chunked"):
     for _dtype, _did in LOW_PRECISION_DTYPES:
         _SELECTED[(_impl, jnp.dtype(_dtype).name)] = [
-            n for n in LOW_PRECISION_CASES if _RUN_SLOW or not _low_precision_slow(n, _impl, _did)]
+            n for n in LOW_PRECISION_CASES
+            if _batching.RUN_SLOW or not _low_precision_slow(n, _impl, _did)]
 
 
 def _group(name: str, impl: str, dtype) -> tuple:
     """The xdist group of a selected case (the batch it is computed in), else no mark."""
-    names = _SELECTED.get((impl, jnp.dtype(dtype).name), [])
-    if name not in names:
-        return ()
-    return (pytest.mark.xdist_group(f"attention-{impl}-{jnp.dtype(dtype).name}-"
-                                    f"{names.index(name) // _BATCH}"),)
+    dname = jnp.dtype(dtype).name
+    return _batching.group(f"attention-{impl}-{dname}", name, _SELECTED.get((impl, dname), []))
 
 
 def _float32_params():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import pytest
 
 import attnjax
 from attnjax import masks
+from tests import _batching
 
 B, T, S, N, K, H = 2, 37, 45, 4, 2, 16
 CHUNKS = (16, 8)
@@ -170,21 +170,23 @@ def _library(case, impl_kw, with_block_mask):
     return fn
 
 
-def _grads(fn, data, argnums, jit=True):
+def _grad_problem(fn, data, argnums):
+    """``(value_and_grad of the loss of fn, its arguments)``; it returns ``((loss, (out, lse)),
+    grads)``."""
     loss = _loss(fn, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
     args = [jnp.asarray(data[n]) for n in ("q", "k", "v")]
     args += [jax.tree.map(jnp.asarray, data["params"]),
              None if data["sinks"] is None else jnp.asarray(data["sinks"])]
-    vg = jax.value_and_grad(loss, argnums=argnums, has_aux=True)
-    (_, (out, lse)), grads = (jax.jit(vg) if jit else vg)(*args)
-    return out, lse, grads
+    return jax.value_and_grad(loss, argnums=argnums, has_aux=True), args
 
 
 def reference_grads(case, argnums):
     """The float64 reference's output, lse and gradients, run eagerly: every case has the same
     shapes, so its op-by-op executables are compiled once for the whole table."""
-    return _grads(functools.partial(reference, case=case, vis=dense_visibility(case)),
-                  _inputs(case), argnums, jit=False)
+    vg, args = _grad_problem(functools.partial(reference, case=case, vis=dense_visibility(case)),
+                             _inputs(case), argnums)
+    (_, (out, lse)), grads = vg(*args)
+    return out, lse, grads
 
 
 # The default run: the chunked kernel on every case that is not contained in another one (and on
@@ -199,24 +201,18 @@ QUICK = {
     "xla": ["t5", "sinks_empty_rows"],
     "chunked_block_mask": ["causal_offset", "doc_causal", "per_head"],
 }
-# The cases of one implementation that this run selects are compiled in batches of _BATCH under
-# one jax.jit (XLA:CPU compiles a few cases side by side in about half the time of one by one);
-# each test still checks its own case. A batch is one xdist group, so it is computed once.
-_RUN_SLOW = os.environ.get("ATTNJAX_RUN_SLOW") == "1"  # set by conftest.py before collection
-_BATCH = 8
+# The cases of one implementation that this run selects are computed in batches
+# (tests/_batching.py); each test still checks its own case.
 
 
 def _selected(impl):
-    return [c.name for c in CASES if (_RUN_SLOW or c.name in QUICK[impl])
+    return [c.name for c in CASES if (_batching.RUN_SLOW or c.name in QUICK[impl])
             and not (impl == "chunked_block_mask" and c.mask is None)]
 
 
 def _grid_marks(case, impl):
-    names = _selected(impl)
-    if case.name not in names:
-        return (pytest.mark.slow,) if case.name not in QUICK[impl] else ()
-    group = pytest.mark.xdist_group(f"flex-{impl}-{names.index(case.name) // _BATCH}")
-    return (group,) if case.name in QUICK[impl] else (group, pytest.mark.slow)
+    slow = () if case.name in QUICK[impl] else (pytest.mark.slow,)
+    return slow + _batching.group(f"flex-{impl}", case.name, _selected(impl))
 
 
 GRID = [pytest.param(c, impl, id=f"{c.name}-{impl}", marks=_grid_marks(c, impl))
@@ -229,25 +225,14 @@ def _argnums(case):
 
 
 def library_grads(case, impl):
-    """:func:`_grads` of the library on ``case``, computed with the rest of its batch."""
+    """The library's output, lse and gradients on ``case`` (float32 inputs), computed with the rest
+    of its batch under one jit."""
     if (case.name, impl) not in _LIBRARY:
-        names = _selected(impl)
-        if case.name in names:
-            i = names.index(case.name) // _BATCH * _BATCH
-            batch = [c for c in CASES if c.name in names[i:i + _BATCH]
-                     and (c.name, impl) not in _LIBRARY]
-        else:
-            batch = [case]
-        fns, all_args = [], []
-        for c in batch:
-            data = _inputs(c, np.float32)
-            lib = _library(c, IMPLS[impl], impl == "chunked_block_mask")
-            loss = _loss(lib, jnp.asarray(data["dout"]), jnp.asarray(data["dlse"]))
-            fns.append(jax.value_and_grad(loss, argnums=_argnums(c), has_aux=True))
-            all_args.append([jnp.asarray(data[n]) for n in ("q", "k", "v")]
-                            + [jax.tree.map(jnp.asarray, data["params"]),
-                               None if data["sinks"] is None else jnp.asarray(data["sinks"])])
-        results = jax.jit(lambda xs: [f(*a) for f, a in zip(fns, xs, strict=True)])(all_args)
+        names = _batching.batch(case.name, _selected(impl))
+        batch = [c for n in names for c in CASES if c.name == n and (n, impl) not in _LIBRARY]
+        problems = [_grad_problem(_library(c, IMPLS[impl], impl == "chunked_block_mask"),
+                                  _inputs(c, np.float32), _argnums(c)) for c in batch]
+        results = _batching.jit_together(*zip(*problems, strict=True))
         for c, ((_, (out, lse)), grads) in zip(batch, results, strict=True):
             _LIBRARY[(c.name, impl)] = (out, lse, grads)
     return _LIBRARY[(case.name, impl)]

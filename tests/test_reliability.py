@@ -25,6 +25,7 @@ from flax import linen, nnx
 import attnjax
 import attnjax.linen
 import attnjax.nnx
+from tests import _batching
 from tests import reference as ref
 from tests.test_harness import Config, _prepare_library, _problem, check_config
 
@@ -121,7 +122,7 @@ def test_low_precision_every_trip_count(impl, dtype):
         q = jnp.asarray(rng.standard_normal((1, T, 2, 8)), dtype)
         k, v = (jnp.asarray(rng.standard_normal((1, S, 1, 8)), dtype) for _ in range(2))
         inputs.append((q, k, v))
-    grads = jax.block_until_ready(jax.jit(lambda xs: [grad(*x) for x in xs])(inputs))
+    grads = jax.block_until_ready(_batching.jit_together([grad] * len(inputs), inputs))
     for (q, k, v), g in zip(inputs, grads, strict=True):
         _, want = _ref_grads(q, k, v)
         for got, w in zip(g, want[:3], strict=True):
@@ -164,10 +165,9 @@ X64_MASKS_DEFAULT = {"combo_causal_lengths_segments_bias", "combo_window_mask_so
                      "window_causal", "empty_rows", "mask_broadcast", "bias"}
 
 
-# The selected mask kinds are compiled as one program (one compile instead of one per kind; one
-# xdist group), each test checking its own kind.
-_RUN_SLOW = os.environ.get("ATTNJAX_RUN_SLOW") == "1"  # set by conftest.py before collection
-X64_MASKS_SELECTED = [m for m in DEBUG_NAN_MASKS if _RUN_SLOW or m in X64_MASKS_DEFAULT]
+# The selected mask kinds are computed in batches (tests/_batching.py), each test checking its
+# own kind.
+X64_MASKS_SELECTED = [m for m in DEBUG_NAN_MASKS if _batching.RUN_SLOW or m in X64_MASKS_DEFAULT]
 _X64_COMPUTED: dict = {}
 
 
@@ -177,20 +177,19 @@ def _x64_mask_config(mask):
 
 def _x64_mask_results(mask):
     if mask not in _X64_COMPUTED:
-        kinds = X64_MASKS_SELECTED if mask in X64_MASKS_SELECTED else [mask]
+        kinds = [m for m in _batching.batch(mask, X64_MASKS_SELECTED) if m not in _X64_COMPUTED]
         datas = [_problem(_x64_mask_config(m)) for m in kinds]
         prepared = [_prepare_library(_x64_mask_config(m), d)
                     for m, d in zip(kinds, datas, strict=True)]
-        results = jax.jit(lambda all_args: [f(*a) for (f, _, _), a in zip(
-            prepared, all_args, strict=True)])([a for _, a, _ in prepared])
+        results = _batching.jit_together([f for f, _, _ in prepared], [a for _, a, _ in prepared])
         for m, d, (_, _, finish), r in zip(kinds, datas, prepared, results, strict=True):
             _X64_COMPUTED[m] = (d, finish(r))
     return _X64_COMPUTED[mask]
 
 
 @pytest.mark.parametrize("mask", [pytest.param(m, marks=(
-    pytest.mark.xdist_group("x64_masks"),) + (() if m in X64_MASKS_DEFAULT else (
-        pytest.mark.slow,))) for m in DEBUG_NAN_MASKS])
+    () if m in X64_MASKS_DEFAULT else (pytest.mark.slow,))
+    + _batching.group("x64_masks", m, X64_MASKS_SELECTED)) for m in DEBUG_NAN_MASKS])
 def test_x64_every_mask_kind_float32_inputs(mask):
     """The same float32 problems with jax_enable_x64 on (index arithmetic must not change)."""
     with jax.enable_x64(True):
@@ -318,8 +317,8 @@ def test_debug_nans_every_mask_kind(impl, jit, mask_kinds):
 
     with jax.debug_nans(True):
         if jit:  # one program for every mask kind
-            results = jax.jit(lambda args: [fn(*a) for (_, fn, _), a in zip(
-                problems, args, strict=True)])([a for _, _, a in problems])
+            results = _batching.jit_together([fn for _, fn, _ in problems],
+                                             [a for _, _, a in problems])
         else:
             results = [fn(*a) for _, fn, a in problems]
         results = jax.block_until_ready(results)
