@@ -215,6 +215,15 @@ def _prepare(case: Case, impl_kw: dict, dtype, data):
     return fwd_bwd, (arrays, dout), finish
 
 
+def _run(case: Case, impl_kw: dict, dtype, data, call=None):
+    """Library forward (output, lse) and VJP (dq, dk, dv, dbias) in float32 NumPy (one case).
+
+    ``call(fn, *args)`` runs the forward+VJP function (default: ``jax.jit(fn)(*args)``)."""
+    fwd_bwd, args, finish = _prepare(case, impl_kw, dtype, data)
+    call = call or (lambda fn, *args: jax.jit(fn)(*args))
+    return finish(call(fwd_bwd, *args))
+
+
 def _assert_close(name, got, want, tol):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=name)
 
@@ -231,8 +240,8 @@ def _computed(case: Case, impl: str, dtype):
     key = (case.name, impl, jnp.dtype(dtype).name)
     if key not in _COMPUTED:
         names = _batching.batch(case.name, _SELECTED.get((impl, jnp.dtype(dtype).name), []))
-        cases = [c for n in names for c in CASES
-                 if c.name == n and (n, impl, jnp.dtype(dtype).name) not in _COMPUTED]
+        by_name = {**{c.name: c for c in CASES}, case.name: case}  # case: maybe another table's
+        cases = [by_name[n] for n in names if (n, impl, jnp.dtype(dtype).name) not in _COMPUTED]
         datas = [_build(c, dtype) for c in cases]
         prepared = [_prepare(c, IMPLEMENTATIONS[impl], dtype, d)
                     for c, d in zip(cases, datas, strict=True)]
