@@ -522,8 +522,8 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 
 // Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
 // (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :]. HD: the
-// head dim of keys and values when the vector code covers it (64, 96, 128, 256: a multiple of 16),
-// else 0 (generic path).
+// head dim of keys and values when the vector code covers it (32, 64, 80, 96, 128, 256: a
+// multiple of 16), else 0 (generic path).
 template <typename S, int HD>
 void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc, int64_t b,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
@@ -704,8 +704,12 @@ ffi::Error run(ffi::ThreadPool& pool, Problem pr, ffi::AnyBuffer k_new, ffi::Any
     float* mi = &m[i * Y];
     float* li = &l[i * Y];
     float* ai = &acc[i * Y * Hv];
-    switch (H == Hv ? H : 0) {  // the head dims of common models (GPT-2, Phi-3, Llama, Gemma)
+    // the head dims of common models: 32 (small ones), 64 (GPT-2, Llama 3.2 1B), 80 (Phi-2,
+    // Pythia-2.8B, StableLM-3B), 96 (Phi-3), 128 (Llama), 256 (Gemma)
+    switch (H == Hv ? H : 0) {
+      case 32: attend<S, 32>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
       case 64: attend<S, 64>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
+      case 80: attend<S, 80>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
       case 96: attend<S, 96>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
       case 128: attend<S, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
       case 256: attend<S, 256>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
