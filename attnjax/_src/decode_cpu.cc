@@ -687,9 +687,9 @@ ffi::Error run(ffi::ThreadPool& pool, Problem pr, ffi::AnyBuffer k_new, ffi::Any
     row_range(pr, b, &lo[b], &hi[b]);
     total += hi[b] - lo[b];
   }
-  // pieces of at least 1024 positions, about 16 per thread in all: the last piece to finish
-  // leaves the other threads idle, so small pieces (with 4 per thread, a thread waited on
-  // average ~5 % of a long step)
+  // pieces of at least 1024 positions, about 16 per thread in all: while the last piece runs,
+  // the other threads wait, hence small ones (with 4 per thread, ~5 % of a long step's thread
+  // time was spent waiting; B=8, L=64k)
   const int64_t piece = std::max<int64_t>(1024, (total + 16 * threads - 1) / (16 * threads));
   struct Piece {
     int64_t b, p0, p1;
