@@ -321,10 +321,11 @@ inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* s) {
 // (columns k*GT .. k*GT + GT - 1, GT = G*T), tiles of 4 columns × 2 slots when GT % 4 == 0,
 // else 2 columns × 4 slots (and 1 × 8 for a last single column); each key vector is loaded
 // once for the tile's columns, and the tile's sums are reduced four at a time.
-template <int HD, typename R>
+template <int HDC, typename R>
 inline void scores_block(const float* qt, const typename R::T* const* rows, int64_t K, int64_t GT,
-                         int64_t C, float* s, Ahead& ahead) {
-  constexpr int V = HD / 8;
+                         int64_t C, float* s, Ahead& ahead, int64_t hd) {
+  const int64_t HD = HDC > 0 ? HDC : hd;  // HDC: the head dim, or -1: hd at run time
+  const int V = static_cast<int>(HD / 8);
   int64_t i = 0;
   if (GT % 4 == 0) {
     // four columns × two slots: each key vector loaded once for four columns, the slots (all
@@ -444,9 +445,10 @@ inline void axpy_rows(float* a, const float* p, const typename R::T* const* rows
 // accumulators over the whole block, which reads the block's rows once per 16 values). Per kv
 // head, four columns × 16 values at a time (each value vector loaded once for four columns), or
 // one column × 64 values (then HD % 64), the accumulators in registers over the group's rows.
-template <int HD, typename R>
+template <int HDC, typename R>
 inline void values_block(float* acc, const float* p, const typename R::T* const* rows, int64_t K,
-                         int64_t GT, int64_t C, Ahead& ahead) {
+                         int64_t GT, int64_t C, Ahead& ahead, int64_t hd) {
+  const int64_t HD = HDC > 0 ? HDC : hd;  // HDC: the head dim, or -1: hd at run time
   constexpr int64_t R4 = 4;  // rows per group: read in memory order, every kv head of them
   for (int64_t i0 = 0; i0 < C; i0 += R4) {
     const int64_t i1 = std::min<int64_t>(C, i0 + R4);
@@ -492,8 +494,19 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
         int h0 = 0;
         for (; h0 + 64 <= HD; h0 += 64)
           axpy_rows<8, R>(acc + y * HD + h0, p + y * BLOCK, rows, k * HD + h0, i0, i1);
-        if constexpr (HD % 64 != 0)
-          axpy_rows<HD % 64 / 8, R>(acc + y * HD + h0, p + y * BLOCK, rows, k * HD + h0, i0, i1);
+        float* a = acc + y * HD + h0;
+        const float* py = p + y * BLOCK;
+        const int64_t off = k * HD + h0;
+        if constexpr (HDC > 0) {
+          if constexpr (HDC % 64 != 0) axpy_rows<HDC % 64 / 8, R>(a, py, rows, off, i0, i1);
+        } else {
+          switch (HD % 64) {
+            case 16: axpy_rows<2, R>(a, py, rows, off, i0, i1); break;
+            case 32: axpy_rows<4, R>(a, py, rows, off, i0, i1); break;
+            case 48: axpy_rows<6, R>(a, py, rows, off, i0, i1); break;
+            default: break;
+          }
+        }
       }
     }
   }
@@ -523,14 +536,15 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 // Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
 // (column y = n*T + t): running max m[y], sum l[y], unnormalised acc[y*Hv + :]. HD: the
 // head dim of keys and values when the vector code covers it (32, 64, 80, 96, 128, 256: a
-// multiple of 16), else 0 (generic path).
+// multiple of 16), -1 when it covers it with the head dim known at run time (any other multiple
+// of 16), else 0 (generic path).
 template <typename S, int HD>
 void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc, int64_t b,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
   const int64_t T = pr.T, N = pr.N, K = pr.K, H = pr.H, Hv = pr.Hv, G = pr.G;
   const int64_t Y = N * T;
   // the storage type the kernels read: the cache's own, or float32 converted block by block
-  using R = std::conditional_t<(HD > 0 && direct<S>()), S, F32>;
+  using R = std::conditional_t<(HD != 0 && direct<S>()), S, F32>;
   std::vector<float> qt(Y * H);  // queries in column order (n, t)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t t = 0; t < T; ++t)
@@ -572,8 +586,8 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     ahead.quota = (lines + 2 * C * K - 1) / (2 * C * K);
     block_rows<S, R>(pr, kc, b, pb, C, K * H, kbuf.data(), krow);
     // scores (slot-major: the block's rows are read in memory order), masked, and the max
-    if constexpr (HD > 0) {
-      scores_block<HD, R>(qt.data(), krow, K, G * T, C, s.data(), ahead);
+    if constexpr (HD != 0) {
+      scores_block<HD, R>(qt.data(), krow, K, G * T, C, s.data(), ahead, H);
     } else {
       for (int64_t y = 0; y < Y; ++y)
         dots(&qt[y * H], krow, (y / T / G) * H, H, C, &s[y * BLOCK]);
@@ -618,8 +632,8 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
       }
     }
     block_rows<S, R>(pr, vc, b, pb, C, K * Hv, vbuf.data(), vrow);
-    if constexpr (HD > 0) {
-      values_block<HD, R>(acc, s.data(), vrow, K, G * T, C, ahead);
+    if constexpr (HD != 0) {
+      values_block<HD, R>(acc, s.data(), vrow, K, G * T, C, ahead, H);
     } else {
       for (int64_t y = 0; y < Y; ++y)
         axpys(acc + y * Hv, &s[y * BLOCK], vrow, (y / T / G) * Hv, Hv, C);
@@ -715,7 +729,11 @@ ffi::Error run(ffi::ThreadPool& pool, Problem pr, ffi::AnyBuffer k_new, ffi::Any
       case 96: attend<S, 96>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
       case 128: attend<S, 128>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
       case 256: attend<S, 256>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai); break;
-      default: attend<S, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+      default:  // other multiples of 16 (48, 112, 160, 192, ...): the same code, H at run time
+        if (H == Hv && H % 16 == 0)
+          attend<S, -1>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
+        else
+          attend<S, 0>(pr, kc, vc, pc.b, pc.p0, pc.p1, mi, li, ai);
     }
   });
   // 3. merge the pieces of each row; write out (B, T, N, Hv) and lse (B, T, N)
