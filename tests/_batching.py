@@ -39,3 +39,15 @@ def group(prefix: str, name: str, selected: list[str]) -> tuple:
     if name not in selected:
         return ()
     return (pytest.mark.xdist_group(f"{prefix}-{selected.index(name) // BATCH}"),)
+
+
+def computed(cache: dict, name: str, selected: list[str], prepare):
+    """``cache[name]``, computing first every case of ``name``'s batch not in ``cache`` under one
+    jit: ``prepare(n) -> (fn, args, finish)``, and ``cache[n] = finish(fn(*args))``."""
+    if name not in cache:
+        todo = [n for n in batch(name, selected) if n not in cache]
+        prepared = [prepare(n) for n in todo]
+        results = jit_together([fn for fn, _, _ in prepared], [args for _, args, _ in prepared])
+        for n, (_, _, finish), r in zip(todo, prepared, results, strict=True):
+            cache[n] = finish(r)
+    return cache[name]

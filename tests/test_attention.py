@@ -228,7 +228,7 @@ def _assert_close(name, got, want, tol):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=name)
 
 
-# (case name, implementation, dtype name) -> (data, out, lse, grads): the library's results,
+# (implementation, dtype name) -> {case name: (data, out, lse, grads)}: the library's results,
 # computed in batches of the cases this run selects (tests/_batching.py); each test checks its own
 # case against the float64 reference.
 _COMPUTED: dict = {}
@@ -237,19 +237,16 @@ _SELECTED: dict = {}
 
 
 def _computed(case: Case, impl: str, dtype):
-    key = (case.name, impl, jnp.dtype(dtype).name)
-    if key not in _COMPUTED:
-        names = _batching.batch(case.name, _SELECTED.get((impl, jnp.dtype(dtype).name), []))
-        by_name = {**{c.name: c for c in CASES}, case.name: case}  # case: maybe another table's
-        cases = [by_name[n] for n in names if (n, impl, jnp.dtype(dtype).name) not in _COMPUTED]
-        datas = [_build(c, dtype) for c in cases]
-        prepared = [_prepare(c, IMPLEMENTATIONS[impl], dtype, d)
-                    for c, d in zip(cases, datas, strict=True)]
-        results = _batching.jit_together([fn for fn, _, _ in prepared],
-                                         [args for _, args, _ in prepared])
-        for c, d, (_, _, finish), r in zip(cases, datas, prepared, results, strict=True):
-            _COMPUTED[(c.name, impl, jnp.dtype(dtype).name)] = (d, *finish(r))
-    return _COMPUTED[key]
+    key = (impl, jnp.dtype(dtype).name)
+    by_name = {**{c.name: c for c in CASES}, case.name: case}  # case: maybe another table's
+
+    def prepare(name):
+        data = _build(by_name[name], dtype)
+        fn, args, finish = _prepare(by_name[name], IMPLEMENTATIONS[impl], dtype, data)
+        return fn, args, lambda r: (data, *finish(r))
+
+    return _batching.computed(_COMPUTED.setdefault(key, {}), case.name, _SELECTED.get(key, []),
+                              prepare)
 
 
 def _check(case: Case, impl: str, dtype):

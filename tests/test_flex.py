@@ -217,7 +217,7 @@ def _grid_marks(case, impl):
 
 GRID = [pytest.param(c, impl, id=f"{c.name}-{impl}", marks=_grid_marks(c, impl))
         for impl in IMPLS for c in CASES]
-_LIBRARY: dict = {}  # (case name, impl) -> (out, lse, grads) of the library, float32 inputs
+_LIBRARY: dict = {}  # impl -> {case name: (out, lse, grads)} of the library, float32 inputs
 
 
 def _argnums(case):
@@ -227,15 +227,13 @@ def _argnums(case):
 def library_grads(case, impl):
     """The library's output, lse and gradients on ``case`` (float32 inputs), computed with the rest
     of its batch under one jit."""
-    if (case.name, impl) not in _LIBRARY:
-        names = _batching.batch(case.name, _selected(impl))
-        batch = [c for n in names for c in CASES if c.name == n and (n, impl) not in _LIBRARY]
-        problems = [_grad_problem(_library(c, IMPLS[impl], impl == "chunked_block_mask"),
-                                  _inputs(c, np.float32), _argnums(c)) for c in batch]
-        results = _batching.jit_together(*zip(*problems, strict=True))
-        for c, ((_, (out, lse)), grads) in zip(batch, results, strict=True):
-            _LIBRARY[(c.name, impl)] = (out, lse, grads)
-    return _LIBRARY[(case.name, impl)]
+    def prepare(name):
+        c = next(c for c in CASES if c.name == name)
+        vg, args = _grad_problem(_library(c, IMPLS[impl], impl == "chunked_block_mask"),
+                                 _inputs(c, np.float32), _argnums(c))
+        return vg, args, lambda r: (*r[0][1], r[1])  # ((loss, (out, lse)), grads)
+
+    return _batching.computed(_LIBRARY.setdefault(impl, {}), case.name, _selected(impl), prepare)
 
 
 @pytest.mark.parametrize(("case", "impl"), GRID)

@@ -176,15 +176,12 @@ def _x64_mask_config(mask):
 
 
 def _x64_mask_results(mask):
-    if mask not in _X64_COMPUTED:
-        kinds = [m for m in _batching.batch(mask, X64_MASKS_SELECTED) if m not in _X64_COMPUTED]
-        datas = [_problem(_x64_mask_config(m)) for m in kinds]
-        prepared = [_prepare_library(_x64_mask_config(m), d)
-                    for m, d in zip(kinds, datas, strict=True)]
-        results = _batching.jit_together([f for f, _, _ in prepared], [a for _, a, _ in prepared])
-        for m, d, (_, _, finish), r in zip(kinds, datas, prepared, results, strict=True):
-            _X64_COMPUTED[m] = (d, finish(r))
-    return _X64_COMPUTED[mask]
+    def prepare(m):
+        data = _problem(_x64_mask_config(m))
+        fn, args, finish = _prepare_library(_x64_mask_config(m), data)
+        return fn, args, lambda r: (data, finish(r))
+
+    return _batching.computed(_X64_COMPUTED, mask, X64_MASKS_SELECTED, prepare)
 
 
 @pytest.mark.parametrize("mask", [pytest.param(m, marks=(
