@@ -334,30 +334,32 @@ inline v16 ld16(const float* p) {
   return r;
 }
 inline void st16(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
+// Halves of a vector of 16 and back (bit casts to the intrinsics' types; through a stack array,
+// GCC spilled the accumulators of the loops below).
+inline v8 lo8(v16 x) {
+  __m512 r;
+  std::memcpy(&r, &x, sizeof(r));
+  const __m256 h = _mm512_castps512_ps256(r);
+  v8 y;
+  std::memcpy(&y, &h, sizeof(y));
+  return y;
+}
+inline v8 hi8(v16 x) {
+  __m512d r;
+  std::memcpy(&r, &x, sizeof(r));
+  const __m256d h = _mm512_extractf64x4_pd(r, 1);
+  v8 y;
+  std::memcpy(&y, &h, sizeof(y));
+  return y;
+}
 inline v16 cat8(v8 lo, v8 hi) {
-  __m256 l, h;
-  std::memcpy(&l, &lo, 32);
-  std::memcpy(&h, &hi, 32);
-  const __m512 r = _mm512_castpd_ps(_mm512_insertf64x4(
-      _mm512_castpd256_pd512(_mm256_castps_pd(l)), _mm256_castps_pd(h), 1));
+  __m256d l, h;
+  std::memcpy(&l, &lo, sizeof(l));
+  std::memcpy(&h, &hi, sizeof(h));
+  const __m512d r = _mm512_insertf64x4(_mm512_castpd256_pd512(l), h, 1);
   v16 x;
   std::memcpy(&x, &r, sizeof(x));
   return x;
-}
-inline v8 fold8(v16 x) {  // lanes 0..7 + lanes 8..15
-  __m512 r;
-  std::memcpy(&r, &x, sizeof(r));
-  const __m256 f = _mm256_add_ps(_mm512_castps512_ps256(r),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
-  v8 y;
-  std::memcpy(&y, &f, sizeof(y));
-  return y;
-}
-inline void split8(v16 x, float* lo, float* hi) {  // (through a stack array, GCC spilled the loop)
-  __m512 r;
-  std::memcpy(&r, &x, sizeof(r));
-  _mm256_storeu_ps(lo, _mm512_castps512_ps256(r));
-  _mm256_storeu_ps(hi, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
 }
 
 // Values 32c .. 32c + 31 of a row (R: F32 or BF16) as two vectors of 16: in order for float32;
@@ -392,8 +394,10 @@ inline void acc_load32(const float* m, v16& a, v16& b) {
 template <typename R>
 inline void acc_store32(float* m, v16 a, v16 b) {
   if constexpr (std::is_same_v<R, BF16>) {
-    split8(a, m, m + 16);
-    split8(b, m + 8, m + 24);
+    st8(m, lo8(a));
+    st8(m + 16, hi8(a));
+    st8(m + 8, lo8(b));
+    st8(m + 24, hi8(b));
   } else {
     st16(m, a);
     st16(m + 16, b);
@@ -433,8 +437,8 @@ inline void scores4x64(const float* q, const typename R::T* const* rows, int64_t
     a0 += q03 * k3; a1 += q13 * k3; a2 += q23 * k3; a3 += q33 * k3;
     b0 += q03 * m3; b1 += q13 * m3; b2 += q23 * m3; b3 += q33 * m3;
     float t0[4], t1[4];
-    hsum4(fold8(a0), fold8(a1), fold8(a2), fold8(a3), t0);
-    hsum4(fold8(b0), fold8(b1), fold8(b2), fold8(b3), t1);
+    hsum4(lo8(a0) + hi8(a0), lo8(a1) + hi8(a1), lo8(a2) + hi8(a2), lo8(a3) + hi8(a3), t0);
+    hsum4(lo8(b0) + hi8(b0), lo8(b1) + hi8(b1), lo8(b2) + hi8(b2), lo8(b3) + hi8(b3), t1);
     for (int c = 0; c < 4; ++c) {
       s[c * BLOCK + i] = t0[c];
       if (two) s[c * BLOCK + i + 1] = t1[c];
@@ -576,7 +580,6 @@ inline void axpy_rows(float* a, const float* p, const typename R::T* const* rows
 #pragma GCC unroll 8
   for (int v = 0; v < W; ++v) st8(a + 8 * v, av[v]);
 }
-
 
 #if defined(__AVX512F__)
 // acc[c * HD + 0 .. 64) += sum_{i < C} p[c * BLOCK + i] * (rows[i] + off)[0 .. 64) for the four
