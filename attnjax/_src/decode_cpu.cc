@@ -158,11 +158,14 @@ inline float hsum(v8 a) {
 // this block is computed, a few lines per unit of work (one slot of one kv head), so that reads
 // from memory are in flight all through the arithmetic. Issuing a whole row group at once stalled
 // the core until the lines arrived, and then left memory idle while it computed (measured: 15-35 %
-// slower when streaming from memory). The lines go to L2, not L1 (prefetcht1): the next block's
-// rows are twice L1's size, and prefetched into L1 they evicted the rows being computed on. Zen 4,
-// two threads, B=1, N=8, H=64, L=64k, the kernel alone against a two-thread read of the same
-// bytes: K=8 float32 1.79/1.63 -> 1.19/1.22, bfloat16 1.87/1.74 -> 1.24/1.20; K=2 float32
-// 1.76/1.64 -> 1.27/1.17 (one token, two rounds); in L2 (L=256, one thread) K=8 float32 26 -> 21 us.
+// slower when streaming from memory). The lines go to L2, not L1 (prefetcht1): prefetched into
+// L1 (the next block's rows are twice its size) they competed with the rows being computed on, for
+// L1's capacity or its miss buffers (smaller blocks with L1 prefetches were no faster, so not
+// capacity alone). Zen 4, two threads, B=1, N=8, H=64, L=64k, the kernel alone against a
+// two-thread read of the same bytes: K=8 float32 1.79/1.63 -> 1.19/1.22, bfloat16 1.87/1.74 ->
+// 1.24/1.20; K=2 float32 1.76/1.64 -> 1.27/1.17 (one token, two rounds); in L2 (L=256, one
+// thread) K=8 float32 26 -> 21 us. Placing prefetcht1 lines in L2 only is new with Zen 4 (AMD);
+// older cores may fill L1 as before.
 struct Ahead {
   const char* rows[2 * BLOCK];
   int64_t n = 0;               // rows in the list
