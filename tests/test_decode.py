@@ -515,3 +515,97 @@ def test_realistic_head_dims(n, k, h, window, dtype, decode_path):
                 checked += 1
         pos += counts
     assert pos.max() >= 140 and checked > 200
+
+
+def _ref_weights(q, k, v, scale):
+    """float64 softmax weights and output of queries q (n, H) over keys/values k, v (S, H)."""
+    s = q @ k.T * scale
+    w = np.exp(s - s.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    return w, w @ v
+
+
+# (N, K, H, T, cache slots, per-row cached lengths, ring): 16 query columns per kv head (G*T) or
+# 32, where AVX512-BF16 hosts run bfloat16 products; blocks of 64 slots with an odd last one,
+# several pieces per row (over 1024 slots), an empty row, a ring buffer that wraps inside a block
+BF16_PRODUCT_CASES = [
+    (8, 2, 64, 4, 2600, [2599, 131], False),
+    (16, 1, 128, 1, 300, [300, 0], False),
+    (8, 2, 256, 8, 200, [150, 199], False),
+    (4, 1, 32, 4, 100, [250, 137], True),
+]
+
+
+@pytest.mark.parametrize("n,k,h,T,L,P,ring", BF16_PRODUCT_CASES,
+                         ids=["gqa4-h64-t4", "mqa16-h128-t1", "gqa4-h256-t8", "mqa4-h32-ring"])
+def test_native_kernel_with_bfloat16_queries_and_cache(n, k, h, T, L, P, ring):
+    """The native kernel's read of a bfloat16 cache by queries that are bfloat16 numbers (what a
+    bfloat16 model passes), against float64. With AVX512-BF16 it multiplies in bfloat16 pairs and
+    rounds the probabilities to bfloat16 before the product with the values (as the chunked path
+    and jax.nn.dot_product_attention do): each weight moves by at most 2**-9 of itself, so output
+    value d may move by 2**-9 * sum_i w_i |v_id|. Other hosts compute in float32 (well within)."""
+    if not native.enabled():
+        pytest.skip(f"native decode kernel unavailable: {native.status()['reason']}")
+    rng = np.random.default_rng(3)
+    B, G, scale = len(P), n // k, 1.0 / np.sqrt(h)
+    q = jnp.asarray(rng.standard_normal((B, T, n, h)), jnp.bfloat16).astype(jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((B, L, k, h)) * 2, jnp.bfloat16) for _ in range(2))
+    none = jnp.zeros((B, T, k, h), jnp.bfloat16)
+    idx = jnp.full((B, T), -1, jnp.int32)  # nothing written: only the read is tested
+    Pj = jnp.asarray(P, jnp.int32)
+    step = jax.jit(lambda q, kc, vc: native.decode_step(
+        q, none, none, kc, vc, idx, Pj, Pj, window_left=None, ring=ring, soft_cap=None,
+        scale=scale))
+    _, _, out, lse = step(q, kc, vc)
+    out, lse = np.asarray(out), np.asarray(lse)
+    qd, kd, vd = (np.asarray(x, np.float64) for x in (q, kc, vc))
+    for b in range(B):
+        lo = max(0, P[b] - L) if ring else 0
+        pos = np.arange(lo, P[b])
+        slots = pos % L if ring else pos
+        if not len(pos):
+            np.testing.assert_array_equal(out[b], 0.0)
+            assert np.all(np.isneginf(lse[b]))
+            continue
+        for j in range(k):
+            qj = qd[b, :, j * G:(j + 1) * G].reshape(T * G, h)
+            w, ref = _ref_weights(qj, kd[b, slots, j], vd[b, slots, j], scale)
+            bound = 2.0**-9 * (w @ np.abs(vd[b, slots, j])) * 1.05 + 1e-5
+            got = out[b, :, j * G:(j + 1) * G].reshape(T * G, h)
+            err = np.abs(got - ref)
+            assert np.all(err <= bound), (b, j, float(err.max()), float(bound.min()))
+
+
+def test_bfloat16_model_steps_against_float64(decode_path):
+    """A bfloat16 model's decoding (bfloat16 queries, keys, values and cache; 16 query columns
+    per kv head, so AVX512-BF16 hosts take the kernel's bfloat16 products): prefill, then 4- and
+    1-token steps, against float64. Bound per output value: the probabilities' bfloat16
+    rounding (see above) plus the output's own rounding to bfloat16."""
+    b, n, k, h, total = 2, 8, 2, 64, 300
+    rng = np.random.default_rng(4)
+    q, kk, vv = (jnp.asarray(rng.standard_normal((b, total, m, h)), jnp.bfloat16)
+                 for m in (n, k, k))
+    cache = KVCache.create(b, total, k, h, dtype=jnp.bfloat16)
+    step = jax.jit(lambda q, k, v, c, m: cached_attention(q, k, v, c, query_seq_lengths=m))
+    qd, kd, vd = (np.asarray(x, np.float64) for x in (q, kk, vv))
+    pos, checked = np.zeros(b, int), 0
+    for T, counts in [(200, [200, 131])] + [(4, [4, 4])] * 3 + [(1, [1, 1]), (4, [3, 4])]:
+        idx = np.stack([np.minimum(pos[i] + np.arange(T), total - 1) for i in range(b)])
+        rows = np.arange(b)[:, None]
+        out, cache = step(q[rows, idx], kk[rows, idx], vv[rows, idx], cache,
+                          jnp.asarray(counts, jnp.int32))
+        assert out.dtype == jnp.bfloat16
+        out = np.asarray(out, np.float64)
+        for i in range(b):
+            for t in range(counts[i] if T < 200 else 0):
+                p = pos[i] + t
+                for j in range(k):
+                    heads = slice(j * n // k, (j + 1) * n // k)
+                    w, ref = _ref_weights(qd[i, p, heads], kd[i, :p + 1, j], vd[i, :p + 1, j],
+                                          1 / np.sqrt(h))
+                    bound = 2.0**-9 * (w @ np.abs(vd[i, :p + 1, j])) * 1.05 + \
+                        2.0**-8 * np.abs(ref) + 1e-5
+                    assert np.all(np.abs(out[i, t, heads] - ref) <= bound), (i, p, j)
+                    checked += 1
+        pos += counts
+    assert checked >= 2 * 2 * 15

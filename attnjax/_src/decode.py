@@ -415,21 +415,24 @@ def _xla_write_attend(qs, key, value, key_cache, value_cache, idx, P, P_end, win
                          logits_soft_cap, precision, hook)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11, 12))
-def _native_write_attend(qs, key, value, key_cache, value_cache, idx, P, P_end, window_left, ring,
-                         logits_soft_cap, chunk, precision):
-    """:func:`_xla_write_attend` by the native CPU kernel (differentiated through the XLA path)."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
+def _native_write_attend(q, key, value, key_cache, value_cache, idx, P, P_end, window_left, ring,
+                         logits_soft_cap, chunk, precision, scale):
+    """:func:`_xla_write_attend` of ``q * scale`` by the native CPU kernel (differentiated through
+    the XLA path). The kernel scales the queries itself, so that bfloat16 queries reach it as
+    bfloat16 numbers (its bfloat16 products need them exact)."""
     kc, vc, out, lse = native.decode_step(
-        qs, key.astype(key_cache.dtype), value.astype(value_cache.dtype), key_cache, value_cache,
-        idx, P, P_end, window_left=window_left, ring=ring, soft_cap=logits_soft_cap)
+        q, key.astype(key_cache.dtype), value.astype(value_cache.dtype), key_cache, value_cache,
+        idx, P, P_end, window_left=window_left, ring=ring, soft_cap=logits_soft_cap, scale=scale)
     return out, lse, kc, vc
 
 
 @_native_write_attend.defjvp
-def _native_write_attend_jvp(window_left, ring, logits_soft_cap, chunk, precision, primals,
+def _native_write_attend_jvp(window_left, ring, logits_soft_cap, chunk, precision, scale, primals,
                              tangents):
-    def xla(*args):
-        return _xla_write_attend(*args, window_left, ring, logits_soft_cap, chunk, precision)
+    def xla(q, *args):
+        return _xla_write_attend(q * jnp.asarray(scale, q.dtype), *args, window_left, ring,
+                                 logits_soft_cap, chunk, precision)
 
     return jax.jvp(xla, primals, tangents)
 
@@ -656,7 +659,11 @@ def cached_attention(
     static = (window_left, ring, logits_soft_cap, decode_chunk, precision)
     args = (qs, key, value, cache.key, cache.value, idx, P, P + n)
     if _native_reason(cdt, cache, T, hook, logits_soft_cap) is None:
-        o_old, lse_old, new_key, new_value = _native_write_attend(*args, *static)
+        # a Python scale is applied by the kernel (bfloat16 queries stay bfloat16 numbers)
+        q_n, scale_n = ((query.astype(cdt), float(scale)) if isinstance(scale, int | float)
+                        else (qs, 1.0))
+        o_old, lse_old, new_key, new_value = _native_write_attend(q_n, *args[1:], *static,
+                                                                  scale_n)
     else:
         o_old, lse_old, new_key, new_value = _xla_write_attend(*args, *static, hook=hook)
     parts.append((o_old, lse_old))

@@ -159,11 +159,11 @@ class disabled:
 
 
 def decode_step(q, k_new, v_new, k_cache, v_cache, idx, P, P_end, *, window_left, ring,
-                soft_cap):
+                soft_cap, scale=1.0):
     """The native step: ``(k_cache, v_cache, out, lse)``.
 
-    ``q (B, T, N, H)`` float32, scaled; ``k_new (B, T, K, H)`` / ``v_new`` in the cache dtype;
-    ``idx (B, T)`` int32 slots to write (``< 0`` or ``>= L``: not written); ``P``, ``P_end``
+    ``q (B, T, N, H)`` float32, multiplied by ``scale`` in the kernel; ``k_new (B, T, K, H)`` /
+    ``v_new`` in the cache dtype; ``idx (B, T)`` int32 slots to write (``< 0`` or ``>= L``: not written); ``P``, ``P_end``
     ``(B,)`` int32 lengths before and after the step. ``out (B, T, N, Hv)`` float32 is the
     attention over the cached positions ``< P`` still in the buffers (zeros where none is
     visible), ``lse (B, T, N)`` its log-sum-exp (``-inf`` there). The cache buffers are aliased
@@ -182,4 +182,5 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, idx, P, P_end, *, window_left
         vmap_method="sequential",
     )(q, k_new, v_new, k_cache, v_cache, idx, P, P_end,
       window_left=np.int64(-1 if window_left is None else int(window_left)),
-      ring=np.int64(bool(ring)), soft_cap=np.float32(soft_cap or 0.0))
+      ring=np.int64(bool(ring)), soft_cap=np.float32(soft_cap or 0.0),
+      scale=np.float32(scale))
