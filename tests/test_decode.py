@@ -526,9 +526,10 @@ def _ref_weights(q, k, v, scale):
 
 
 # (N, K, H, T, cache slots, per-row cached lengths, ring): 16 query columns per kv head (G*T) or
-# 32, where AVX512-BF16 hosts run bfloat16 products; blocks of 64 slots with an odd last one,
-# several pieces per row (over 1024 slots), an empty row, a ring buffer that wraps inside a block
-BF16_PRODUCT_CASES = [
+# 32, which AVX-512 hosts read with 16 columns per vector (and, with AVX512-BF16, bfloat16
+# products for bfloat16 caches); blocks of 64 slots with an odd last one, several pieces per row
+# (over 1024 slots), an empty row, a ring buffer that wraps inside a block
+COLUMNS16_CASES = [
     (8, 2, 64, 4, 2600, [2599, 131], False),
     (16, 1, 128, 1, 300, [300, 0], False),
     (8, 2, 256, 8, 200, [150, 199], False),
@@ -536,21 +537,25 @@ BF16_PRODUCT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("n,k,h,T,L,P,ring", BF16_PRODUCT_CASES,
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("n,k,h,T,L,P,ring", COLUMNS16_CASES,
                          ids=["gqa4-h64-t4", "mqa16-h128-t1", "gqa4-h256-t8", "mqa4-h32-ring"])
-def test_native_kernel_with_bfloat16_queries_and_cache(n, k, h, T, L, P, ring):
-    """The native kernel's read of a bfloat16 cache by queries that are bfloat16 numbers (what a
-    bfloat16 model passes), against float64. With AVX512-BF16 it multiplies in bfloat16 pairs and
-    rounds the probabilities to bfloat16 before the product with the values (as the chunked path
-    and jax.nn.dot_product_attention do): each weight moves by at most 2**-9 of itself, so output
-    value d may move by 2**-9 * sum_i w_i |v_id|. Other hosts compute in float32 (well within)."""
+def test_native_kernel_16_query_columns_per_kv_head(n, k, h, T, L, P, ring, dtype):
+    """The native kernel's read of the cache where a kv head has 16 or 32 query columns, against
+    float64. A float32 cache: float32 queries, float32 accuracy. A bfloat16 cache: queries that
+    are bfloat16 numbers (what a bfloat16 model passes); with AVX512-BF16 the kernel multiplies
+    in bfloat16 pairs and rounds the probabilities to bfloat16 before the product with the values
+    (as the chunked path and jax.nn.dot_product_attention do): each weight moves by at most 2**-9
+    of itself, so output value d may move by 2**-9 * sum_i w_i |v_id|."""
     if not native.enabled():
         pytest.skip(f"native decode kernel unavailable: {native.status()['reason']}")
     rng = np.random.default_rng(3)
     B, G, scale = len(P), n // k, 1.0 / np.sqrt(h)
-    q = jnp.asarray(rng.standard_normal((B, T, n, h)), jnp.bfloat16).astype(jnp.float32)
-    kc, vc = (jnp.asarray(rng.standard_normal((B, L, k, h)) * 2, jnp.bfloat16) for _ in range(2))
-    none = jnp.zeros((B, T, k, h), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((B, T, n, h)), jnp.float32)
+    if dtype == "bfloat16":
+        q = q.astype(jnp.bfloat16).astype(jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((B, L, k, h)) * 2, dtype) for _ in range(2))
+    none = jnp.zeros((B, T, k, h), dtype)
     idx = jnp.full((B, T), -1, jnp.int32)  # nothing written: only the read is tested
     Pj = jnp.asarray(P, jnp.int32)
     step = jax.jit(lambda q, kc, vc: native.decode_step(
@@ -570,7 +575,10 @@ def test_native_kernel_with_bfloat16_queries_and_cache(n, k, h, T, L, P, ring):
         for j in range(k):
             qj = qd[b, :, j * G:(j + 1) * G].reshape(T * G, h)
             w, ref = _ref_weights(qj, kd[b, slots, j], vd[b, slots, j], scale)
-            bound = 2.0**-9 * (w @ np.abs(vd[b, slots, j])) * 1.05 + 1e-5
+            if dtype == "bfloat16":
+                bound = 2.0**-9 * (w @ np.abs(vd[b, slots, j])) * 1.05 + 1e-5
+            else:
+                bound = 2e-5 * (1 + np.abs(ref))
             got = out[b, :, j * G:(j + 1) * G].reshape(T * G, h)
             err = np.abs(got - ref)
             assert np.all(err <= bound), (b, j, float(err.max()), float(bound.min()))

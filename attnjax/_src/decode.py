@@ -22,7 +22,9 @@ cache (the two middle items) in one native kernel instead (``native.py``, ``deco
 XLA FFI custom call built on first use with the host's C++ compiler), which writes in place and
 reads the cache once, at close to the speed of memory; XLA:CPU's own products, reductions and
 bfloat16 writes over the cache each cost a multiple of that (README, "Decoding"). Everything
-else, and every other platform, takes the pure-JAX path below; both give the same results.
+else, and every other platform, takes the pure-JAX path below; both give the same results up to
+rounding (the kernel's bfloat16 products round probabilities to bfloat16, as the chunked core
+does: see ``cached_attention``).
 
 Temporary memory of a step is O(B·C·K·(H + Hv)) for a chunk of keys and values (``C`` = key
 chunk size, about 4 MiB by default), O(B·N·T·C) for its scores, plus O(B·T·N·K·Hv), independent
@@ -507,7 +509,14 @@ def cached_attention(
     On the CPU, steps of at most 8 tokens computed in float32 (float32/bfloat16/float16 caches,
     no ``mask_mod``/``score_mod``) run the cache write and read in attnjax's native kernel,
     compiled on first use with the host's C++ compiler; without one, or with
-    ``ATTNJAX_NATIVE_KERNELS=0``, they take the pure-JAX path (same results, slower). A step is
+    ``ATTNJAX_NATIVE_KERNELS=0``, they take the pure-JAX path (same results, slower). On CPUs
+    with AVX512-BF16, the kernel reads a bfloat16 cache for bfloat16 queries with bfloat16
+    products where a kv head has a multiple of 16 query columns (``N // K * T``, e.g. 4-token
+    steps with 4 query heads per kv head, where the step is bound by arithmetic): the scores are
+    exact products summed in float32, and the probabilities are rounded to bfloat16 before their
+    product with the values, as :func:`attnjax.dot_product_attention` and
+    ``jax.nn.dot_product_attention`` round them to the values' dtype (each weight moves by at
+    most ``2**-9`` of itself); the pure-JAX path keeps them in float32. A step is
     differentiable in forward mode (``jax.jvp``), not in reverse mode: the cache is read by a
     loop whose trip count depends on the lengths.
 

@@ -747,28 +747,30 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
   }
 }
 
-#if defined(__AVX512BF16__)
-// bfloat16 products (AVX512-BF16) for bfloat16 caches read by queries that are bfloat16 numbers,
-// 16 query columns of a kv head at a time (G*T a multiple of 16: e.g. 4-token steps with 4 query
-// heads per kv head).
+#if defined(__AVX512F__)
+// Tiles of 16 query columns of one kv head (G*T a multiple of 16: e.g. 4-token steps with 4
+// query heads per kv head), the columns in the lanes of a vector, for float32 caches and for
+// bfloat16 caches read by queries that are bfloat16 numbers.
 //
 // With 16 columns per kv head a step is bound by arithmetic, not memory: 16 × H multiply-adds
-// per cached key and again per value. vdpbf16ps does 32 multiply-adds (16 lanes, a pair of
-// bfloat16 products each) per instruction where vfmadd231ps does 16, at the same rate on Zen 4
-// (234 against 116 GFLOP/s per core, measured). The 16 columns are the lanes:
-// * scores: S[i] (lane c) = scale × sum over pairs d' of (q[c][2d'], q[c][2d'+1]) · (k[i][2d'],
-//   k[i][2d'+1]), the queries' pairs one vector per d', the key's pair broadcast from its row.
-//   The product of two bfloat16 numbers is exact in float32, so with queries that are bfloat16
-//   numbers (Problem::q_bf16, checked per call; others take the float32 path) the scores are the
-//   float32 path's up to the order of summation;
-// * the online softmax over the block's slots, 16 columns per vector (no transposes);
-// * values: O[c][d] += (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), the probabilities rounded to
-//   bfloat16 first (as the chunked path rounds them to the values' dtype before its product with
-//   the values, and jax.nn.dot_product_attention too): each weight moves by at most 2^-9 of
-//   itself. The two value rows' words are interleaved in registers, the probability pair
-//   broadcast.
-// vdpbf16ps flushes denormal inputs and results to zero (magnitudes below 1.2e-38).
-namespace dp16 {
+// per cached key and again per value. The other kernels, with a few columns per tile, reduce
+// each score across lanes and run the softmax column by column; here no vector is reduced or
+// transposed:
+// * scores: S[i] (lane c) = sum_d q[c][d] · k[i][d], the queries one vector per d, the key's
+//   value broadcast from its row;
+// * the online softmax over the block's slots, 16 columns per vector;
+// * values: O[c][d .. d+15] += p[c][i] · v[i][d .. d+15], the probability broadcast.
+// bfloat16 caches use vdpbf16ps (AVX512-BF16): 32 multiply-adds of bfloat16 pairs per
+// instruction where vfmadd231ps does 16, at the same rate on Zen 4 (234 against 116 GFLOP/s per
+// core, measured). Scores: the queries' pairs (q[c][2j], q[c][2j+1]) against the key's pair
+// (k[i][2j], k[i][2j+1]) broadcast, times the scale. The product of two bfloat16 numbers is
+// exact in float32, so with queries that are bfloat16 numbers (Problem::q_bf16, checked per call;
+// other queries take the float32 kernels) the scores are the float32 path's up to the order of
+// summation. Values: (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), the two value rows' words
+// interleaved in registers, the probabilities rounded to bfloat16 first, as the chunked path and
+// jax.nn.dot_product_attention round them to the values' dtype (each weight moves by at most
+// 2^-9 of itself). vdpbf16ps flushes denormal inputs and results to zero (below 1.2e-38).
+namespace cols16 {
 
 inline __m512 exp16_nonpos(__m512 x) {  // exp_nonpos on 16 lanes (2^n by vscalefps)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
@@ -791,60 +793,66 @@ inline __m512 bcast(const uint16_t* p) {  // the bfloat16 pair at p, in every la
   return _mm512_castsi512_ps(_mm512_set1_epi32(u));
 }
 
+#if defined(__AVX512BF16__)
 inline __m512 dp(__m512 acc, __m512 a, __m512 b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(b));
 }
+#endif
 
-// The order the value pass keeps a column's accumulators in: unpacklo/unpackhi of the words of
-// two rows (32 values, four lanes of 128 bits) pair values 8L + w (low) and 8L + 4 + w (high),
-// L, w < 4; accumulator j of a group of 32 holds value d_of(j).
+// The order the bfloat16 value pass keeps a column's accumulators in: unpacklo/unpackhi of the
+// words of two rows (32 values, four lanes of 128 bits) pair values 8L + w (low) and 8L + 4 + w
+// (high), L, w < 4; accumulator j of a group of 32 holds value d_of(j).
 inline int64_t d_of(int64_t j) {
   const int64_t g = j / 32, w = j % 32;
   return g * 32 + 8 * ((w % 16) / 4) + 4 * (w / 16) + w % 4;
 }
 
-// attend() (below) for S = BF16 when pr.q_bf16, (G*T) % 16 == 0, HD % 32 == 0, no window and
-// no soft cap: the same online softmax, on 16 columns per vector.
-template <int HD>
-void attend(const Problem& pr, const uint16_t* kc, const uint16_t* vc, int64_t b, int64_t p0,
-            int64_t p1, float* m, float* l, float* acc) {
-  constexpr int64_t HP = HD / 2;  // pairs per row
-  const int64_t T = pr.T, N = pr.N, K = pr.K, GT = pr.G * T;
-  const int64_t NT = N * T / 16;  // tiles of 16 columns
-  // per tile: the queries' pairs (HP vectors of 16 lanes), the block's scores (BLOCK vectors)
-  // and probability pairs (BLOCK / 2 vectors)
-  const int64_t per_tile = 16 * (HP + BLOCK + BLOCK / 2);
+// attend() (below) for R = F32, or BF16 with pr.q_bf16, when (G*T) % 16 == 0, HD % 32 == 0, no
+// window and no soft cap.
+template <typename R, int HD>
+void attend(const Problem& pr, const typename R::T* kc, const typename R::T* vc, int64_t b,
+            int64_t p0, int64_t p1, float* m, float* l, float* acc) {
+  constexpr bool kBF = std::is_same_v<R, BF16>;
+  using T = typename R::T;
+  constexpr int64_t QW = kBF ? HD / 2 : HD;  // query vectors per tile (pairs for bfloat16)
+  const int64_t TT = pr.T, N = pr.N, K = pr.K, GT = pr.G * TT;
+  const int64_t NT = N * TT / 16;  // tiles of 16 columns
+  // per tile: the queries (QW vectors of 16 lanes), the block's scores, then probabilities
+  // (BLOCK vectors), for bfloat16 also their pairs (BLOCK / 2 vectors)
+  const int64_t per_tile = 16 * (QW + BLOCK + (kBF ? BLOCK / 2 : 0));
   std::vector<float> buf(NT * per_tile + 16);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) &
                                          ~static_cast<uintptr_t>(63));  // 64-byte aligned
   auto qp = [&](int64_t t) { return base + t * per_tile; };
-  auto sc = [&](int64_t t) { return qp(t) + 16 * HP; };
+  auto sc = [&](int64_t t) { return qp(t) + 16 * QW; };
   auto pp = [&](int64_t t) { return sc(t) + 16 * BLOCK; };
   std::vector<float> tmp(HD);
-  for (int64_t y = 0; y < N * T; ++y) {
-    const int64_t n = y / T, t = y % T, c = y % 16;
-    const float* q = pr.q + ((b * T + t) * N + n) * HD;
-    uint32_t* qt = reinterpret_cast<uint32_t*>(qp(y / 16));
-    for (int64_t h = 0; h < HP; ++h) {
-      uint32_t lo, hi;
-      std::memcpy(&lo, q + 2 * h, 4);
-      std::memcpy(&hi, q + 2 * h + 1, 4);
-      qt[h * 16 + c] = (lo >> 16) | (hi & 0xffff0000u);  // exact: pr.q_bf16
+  for (int64_t y = 0; y < N * TT; ++y) {
+    const int64_t n = y / TT, t = y % TT, c = y % 16;
+    const float* q = pr.q + ((b * TT + t) * N + n) * HD;
+    if constexpr (kBF) {
+      uint32_t* qt = reinterpret_cast<uint32_t*>(qp(y / 16));
+      for (int64_t h = 0; h < HD / 2; ++h) {
+        uint32_t lo, hi;
+        std::memcpy(&lo, q + 2 * h, 4);
+        std::memcpy(&hi, q + 2 * h + 1, 4);
+        qt[h * 16 + c] = (lo >> 16) | (hi & 0xffff0000u);  // exact: pr.q_bf16
+      }
+      float* a = acc + y * HD;  // into the value pass's order
+      for (int64_t j = 0; j < HD; ++j) tmp[j] = a[d_of(j)];
+      std::memcpy(a, tmp.data(), HD * sizeof(float));
+    } else {
+      for (int64_t h = 0; h < HD; ++h) qp(y / 16)[h * 16 + c] = q[h] * pr.scale;
     }
-    float* a = acc + y * HD;  // into the value pass's order
-    for (int64_t j = 0; j < HD; ++j) tmp[j] = a[d_of(j)];
-    std::memcpy(a, tmp.data(), HD * sizeof(float));
   }
   static const uint16_t zero_row[256] = {};  // an odd block's missing last row (HD <= 256)
-  const uint16_t* krow[BLOCK];
-  const uint16_t* vrow[BLOCK];
-  const int64_t row_bytes = K * HD * 2;
+  const T* krow[BLOCK];
+  const T* vrow[BLOCK];
+  const int64_t row_bytes = K * HD * static_cast<int64_t>(sizeof(T));
   const int64_t blk = std::clamp<int64_t>((32768 / row_bytes) / 8 * 8, 8, BLOCK);
-  const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
-                                       8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t pb = p0; pb < p1; pb += blk) {
     const int64_t C = std::min<int64_t>(blk, p1 - pb);
-    const int64_t C2 = (C + 1) / 2;  // pairs of slots
+    const int64_t CV = kBF ? (C + 1) / 2 : C;  // steps of the value pass: pairs of slots, or slots
     const int64_t next = std::max<int64_t>(0, std::min<int64_t>(blk, p1 - pb - blk));
     Ahead ahead;
     ahead.n = 2 * next;
@@ -855,13 +863,13 @@ void attend(const Problem& pr, const uint16_t* kc, const uint16_t* vc, int64_t b
       ahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * HD);
       ahead.rows[next + i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * HD);
     }
-    // units of work: a group of 16 slots of a tile (scores), a pair of slots of a tile's
-    // 8 columns × 32 values (values)
-    const int64_t units = NT * ((C + 15) / 16) + NT * 2 * (HD / 32) * C2;
+    // units of work: a group of 16 slots of a tile (scores), a step of the value pass over a
+    // tile's 8 columns × 32 values
+    const int64_t units = NT * ((C + 15) / 16) + NT * 2 * (HD / 32) * CV;
     ahead.quota = (2 * next * row_bytes / 64 + units - 1) / units;
-    block_rows<BF16, BF16>(pr, kc, b, pb, C, K * HD, nullptr, krow);
-    block_rows<BF16, BF16>(pr, vc, b, pb, C, K * HD, nullptr, vrow);
-    // scores S[i] (lane c) = scale × the bfloat16 dot products, 16 slots at a time
+    block_rows<R, R>(pr, kc, b, pb, C, K * HD, nullptr, krow);
+    block_rows<R, R>(pr, vc, b, pb, C, K * HD, nullptr, vrow);
+    // scores S[i] (lane c), 16 slots at a time
     const __m512 sv = _mm512_set1_ps(pr.scale);
     for (int64_t tile = 0; tile < NT; ++tile) {
       const int64_t off = (tile * 16 / GT) * HD;
@@ -873,39 +881,75 @@ void attend(const Problem& pr, const uint16_t* kc, const uint16_t* vc, int64_t b
         __m512 a[16];
 #pragma GCC unroll 16
         for (int x = 0; x < 16; ++x) a[x] = _mm512_setzero_ps();
+        if constexpr (kBF) {
+#if defined(__AVX512BF16__)
 #pragma GCC unroll 4
-        for (int64_t h = 0; h < HP; ++h) {
-          const __m512 qv = q[h];
+          for (int64_t h = 0; h < HD / 2; ++h) {
+            const __m512 qv = q[h];
 #pragma GCC unroll 16
-          for (int x = 0; x < 16; ++x) a[x] = dp(a[x], qv, bcast(krow[i0 + x] + off + 2 * h));
+            for (int x = 0; x < 16; ++x) a[x] = dp(a[x], qv, bcast(krow[i0 + x] + off + 2 * h));
+          }
+#pragma GCC unroll 16
+          for (int x = 0; x < 16; ++x) a[x] = _mm512_mul_ps(a[x], sv);
+#endif
+        } else {
+#pragma GCC unroll 4
+          for (int64_t h = 0; h < HD; ++h) {
+            const __m512 qv = q[h];
+#pragma GCC unroll 16
+            for (int x = 0; x < 16; ++x)
+              a[x] = _mm512_fmadd_ps(qv, _mm512_set1_ps(krow[i0 + x][off + h]), a[x]);
+          }
         }
 #pragma GCC unroll 16
-        for (int x = 0; x < 16; ++x) _mm512_store_ps(s + (i0 + x) * 16, _mm512_mul_ps(a[x], sv));
+        for (int x = 0; x < 16; ++x) _mm512_store_ps(s + (i0 + x) * 16, a[x]);
       }
       if (i0 < C) ahead.issue(1);
       for (; i0 < C; ++i0) {
         __m512 a0 = _mm512_setzero_ps();
-        for (int64_t h = 0; h < HP; ++h) a0 = dp(a0, q[h], bcast(krow[i0] + off + 2 * h));
-        _mm512_store_ps(s + i0 * 16, _mm512_mul_ps(a0, sv));
+        if constexpr (kBF) {
+#if defined(__AVX512BF16__)
+          for (int64_t h = 0; h < HD / 2; ++h) a0 = dp(a0, q[h], bcast(krow[i0] + off + 2 * h));
+          a0 = _mm512_mul_ps(a0, sv);
+#endif
+        } else {
+          for (int64_t h = 0; h < HD; ++h)
+            a0 = _mm512_fmadd_ps(q[h], _mm512_set1_ps(krow[i0][off + h]), a0);
+        }
+        _mm512_store_ps(s + i0 * 16, a0);
       }
     }
     for (int64_t tile = 0; tile < NT; ++tile) {
-      // online softmax, 16 columns per vector: probabilities as bfloat16 pairs of slots
-      const float* s = sc(tile);
+      // online softmax, 16 columns per vector: the probabilities over the scores (float32), or
+      // as bfloat16 pairs of slots
+      float* s = sc(tile);
       const __m512 m_old = _mm512_loadu_ps(m + tile * 16);
       __m512 mx = m_old;
       for (int64_t i = 0; i < C; ++i) mx = _mm512_max_ps(mx, _mm512_load_ps(s + i * 16));
       const __m512 alpha = exp16_nonpos(_mm512_sub_ps(m_old, mx));  // m_old = -inf: 0
       __m512 sum = _mm512_setzero_ps();
-      __m512i* ppt = reinterpret_cast<__m512i*>(pp(tile));
-      for (int64_t i2 = 0; i2 < C2; ++i2) {
-        const __m512 e0 = exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + 2 * i2 * 16), mx));
-        const __m512 e1 =
-            2 * i2 + 1 < C ? exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + (2 * i2 + 1) * 16), mx))
-                           : _mm512_setzero_ps();
-        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // e0's 16, then e1's
-        _mm512_store_si512(ppt + i2, _mm512_permutexvar_epi16(ilv, both));
+      if constexpr (kBF) {
+        const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                             9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                             17, 1, 16, 0);
+        __m512i* ppt = reinterpret_cast<__m512i*>(pp(tile));
+        for (int64_t i2 = 0; i2 < CV; ++i2) {
+          const __m512 e0 = exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + 2 * i2 * 16), mx));
+          const __m512 e1 =
+              2 * i2 + 1 < C ? exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + (2 * i2 + 1) * 16), mx))
+                             : _mm512_setzero_ps();
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+#if defined(__AVX512BF16__)
+          const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // e0's 16, then e1's
+          _mm512_store_si512(ppt + i2, _mm512_permutexvar_epi16(ilv, both));
+#endif
+        }
+      } else {
+        for (int64_t i = 0; i < C; ++i) {
+          const __m512 e = exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + i * 16), mx));
+          sum = _mm512_add_ps(sum, e);
+          _mm512_store_ps(s + i * 16, e);
+        }
       }
       _mm512_storeu_ps(l + tile * 16, _mm512_fmadd_ps(_mm512_loadu_ps(l + tile * 16), alpha, sum));
       _mm512_storeu_ps(m + tile * 16, mx);
@@ -918,10 +962,10 @@ void attend(const Problem& pr, const uint16_t* kc, const uint16_t* vc, int64_t b
         for (int64_t j = 0; j < HD; j += 16)
           _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), ac));
       }
-      // values: O[c][d] += (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), 8 columns × 32
-      // values at a time (16 accumulators), the two rows' words interleaved in registers
+      // values, 8 columns × 32 values at a time (16 accumulators) over the block: for
+      // bfloat16, (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), the two rows' words interleaved
+      // in registers
       const int64_t off = (tile * 16 / GT) * HD;
-      const uint16_t* pw = reinterpret_cast<const uint16_t*>(ppt);
       for (int64_t d0 = 0; d0 < HD; d0 += 32) {
         for (int64_t c0 = 0; c0 < 16; c0 += 8) {
           float* o = acc + (tile * 16 + c0) * HD + d0;
@@ -931,18 +975,34 @@ void attend(const Problem& pr, const uint16_t* kc, const uint16_t* vc, int64_t b
             a[x][0] = _mm512_loadu_ps(o + x * HD);
             a[x][1] = _mm512_loadu_ps(o + x * HD + 16);
           }
-          ahead.issue(C2);
-          for (int64_t i2 = 0; i2 < C2; ++i2) {
-            const uint16_t* r1 = 2 * i2 + 1 < C ? vrow[2 * i2 + 1] + off + d0 : zero_row;
-            const __m512i v0 = _mm512_loadu_si512(vrow[2 * i2] + off + d0);
-            const __m512i v1 = _mm512_loadu_si512(r1);
-            const __m512 lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(v0, v1));
-            const __m512 hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(v0, v1));
+          ahead.issue(CV);
+          if constexpr (kBF) {
+#if defined(__AVX512BF16__)
+            const uint16_t* pw = reinterpret_cast<const uint16_t*>(pp(tile));
+            for (int64_t i2 = 0; i2 < CV; ++i2) {
+              const uint16_t* r1 = 2 * i2 + 1 < C ? vrow[2 * i2 + 1] + off + d0 : zero_row;
+              const __m512i v0 = _mm512_loadu_si512(vrow[2 * i2] + off + d0);
+              const __m512i v1 = _mm512_loadu_si512(r1);
+              const __m512 lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(v0, v1));
+              const __m512 hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(v0, v1));
 #pragma GCC unroll 8
-            for (int x = 0; x < 8; ++x) {
-              const __m512 pc = bcast(pw + (i2 * 16 + c0 + x) * 2);
-              a[x][0] = dp(a[x][0], lo, pc);
-              a[x][1] = dp(a[x][1], hi, pc);
+              for (int x = 0; x < 8; ++x) {
+                const __m512 pc = bcast(pw + (i2 * 16 + c0 + x) * 2);
+                a[x][0] = dp(a[x][0], lo, pc);
+                a[x][1] = dp(a[x][1], hi, pc);
+              }
+            }
+#endif
+          } else {
+            for (int64_t i = 0; i < C; ++i) {
+              const __m512 v0 = _mm512_loadu_ps(vrow[i] + off + d0);
+              const __m512 v1 = _mm512_loadu_ps(vrow[i] + off + d0 + 16);
+#pragma GCC unroll 8
+              for (int x = 0; x < 8; ++x) {
+                const __m512 pc = _mm512_set1_ps(s[i * 16 + c0 + x]);
+                a[x][0] = _mm512_fmadd_ps(v0, pc, a[x][0]);
+                a[x][1] = _mm512_fmadd_ps(v1, pc, a[x][1]);
+              }
             }
           }
 #pragma GCC unroll 8
@@ -954,14 +1014,16 @@ void attend(const Problem& pr, const uint16_t* kc, const uint16_t* vc, int64_t b
       }
     }
   }
-  for (int64_t y = 0; y < N * T; ++y) {  // back to the natural order
-    float* a = acc + y * HD;
-    for (int64_t j = 0; j < HD; ++j) tmp[d_of(j)] = a[j];
-    std::memcpy(a, tmp.data(), HD * sizeof(float));
+  if constexpr (kBF) {
+    for (int64_t y = 0; y < N * TT; ++y) {  // back to the natural order
+      float* a = acc + y * HD;
+      for (int64_t j = 0; j < HD; ++j) tmp[d_of(j)] = a[j];
+      std::memcpy(a, tmp.data(), HD * sizeof(float));
+    }
   }
 }
 
-}  // namespace dp16
+}  // namespace cols16
 #endif
 
 // Online softmax over positions [p0, p1) of row b, for all Y = N*T query columns
@@ -974,11 +1036,22 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
   const int64_t T = pr.T, N = pr.N, K = pr.K, H = pr.H, Hv = pr.Hv, G = pr.G;
   const int64_t Y = N * T;
+#if defined(__AVX512F__)
+  // 16 query columns per vector (see cols16)
+  if constexpr (HD > 0 && HD % 32 == 0) {
+    if ((G * T) % 16 == 0 && pr.window_left < 0 && pr.soft_cap == 0.0f) {
+      if constexpr (std::is_same_v<S, F32>) {
+        cols16::attend<F32, HD>(pr, kc, vc, b, p0, p1, m, l, acc);
+        return;
+      }
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<S, BF16> && HD > 0 && HD % 32 == 0) {
-    if (pr.q_bf16 && (G * T) % 16 == 0 && pr.window_left < 0 && pr.soft_cap == 0.0f) {
-      dp16::attend<HD>(pr, kc, vc, b, p0, p1, m, l, acc);
-      return;
+      if constexpr (std::is_same_v<S, BF16>) {
+        if (pr.q_bf16) {
+          cols16::attend<BF16, HD>(pr, kc, vc, b, p0, p1, m, l, acc);
+          return;
+        }
+      }
+#endif
     }
   }
 #endif
