@@ -765,8 +765,8 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 // core, measured). Scores: the queries' pairs (q[c][2j], q[c][2j+1]) against the key's pair
 // (k[i][2j], k[i][2j+1]) broadcast, times the scale. The product of two bfloat16 numbers is
 // exact in float32, so with queries that are bfloat16 numbers (Problem::q_bf16, checked per call;
-// other queries take the float32 kernels) the scores are the float32 path's up to the order of
-// summation. Values: (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), the two value rows' words
+// other queries take the float32 kernels) the scores are the float32 path's up to rounding (the
+// order of summation; the scale applied last). Values: (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), the two value rows' words
 // interleaved in registers, the probabilities rounded to bfloat16 first, as the chunked path and
 // jax.nn.dot_product_attention round them to the values' dtype (each weight moves by at most
 // 2^-9 of itself). vdpbf16ps flushes denormal inputs and results to zero (below 1.2e-38).
