@@ -729,6 +729,24 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
 // The cache slot of position p (a ring buffer keeps position p in slot p % L).
 inline int64_t slot_of(const Problem& pr, int64_t p) { return pr.ring ? p % pr.L : p; }
 
+// Plans the prefetch of the `next` positions from p: their key rows (kw values of storage type
+// T each), then their value rows (vw values). (One range per array when the slots are
+// consecutive was faster in cache but slower from memory: issued faster, the prefetches
+// stalled the rows being computed on.)
+template <typename T>
+inline void plan_ahead(const Problem& pr, const T* kc, const T* vc, int64_t b, int64_t p,
+                       int64_t next, int64_t kw, int64_t vw, Ahead& ahead) {
+  ahead.n = 2 * next;
+  ahead.first_value = next;
+  ahead.bytes[0] = kw * static_cast<int64_t>(sizeof(T));
+  ahead.bytes[1] = vw * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < next; ++i) {
+    const int64_t slot = slot_of(pr, p + i);
+    ahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * kw);
+    ahead.rows[next + i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * vw);
+  }
+}
+
 // Row pointers (storage type R) of the block's C positions pb.. in one cache buffer of `width`
 // values per slot: the cache rows themselves when R is the storage type S, else their
 // conversion to float32 in `buf`.
@@ -845,7 +863,7 @@ void attend(const Problem& pr, const typename R::T* kc, const typename R::T* vc,
       for (int64_t h = 0; h < HD; ++h) qp(y / 16)[h * 16 + c] = q[h] * pr.scale;
     }
   }
-  static const uint16_t zero_row[256] = {};  // an odd block's missing last row (HD <= 256)
+  static const uint16_t zero_row[32] = {};  // an odd block's missing last row (32 values read)
   const T* krow[BLOCK];
   const T* vrow[BLOCK];
   const int64_t row_bytes = K * HD * static_cast<int64_t>(sizeof(T));
@@ -855,14 +873,7 @@ void attend(const Problem& pr, const typename R::T* kc, const typename R::T* vc,
     const int64_t CV = kBF ? (C + 1) / 2 : C;  // steps of the value pass: pairs of slots, or slots
     const int64_t next = std::max<int64_t>(0, std::min<int64_t>(blk, p1 - pb - blk));
     Ahead ahead;
-    ahead.n = 2 * next;
-    ahead.first_value = next;
-    ahead.bytes[0] = ahead.bytes[1] = row_bytes;
-    for (int64_t i = 0; i < next; ++i) {
-      const int64_t slot = slot_of(pr, pb + blk + i);
-      ahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * HD);
-      ahead.rows[next + i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * HD);
-    }
+    plan_ahead(pr, kc, vc, b, pb + blk, next, K * HD, K * HD, ahead);
     // units of work: a group of 16 slots of a tile (scores), a step of the value pass over a
     // tile's 8 columns × 32 values
     const int64_t units = NT * ((C + 15) / 16) + NT * 2 * (HD / 32) * CV;
@@ -1086,15 +1097,7 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
     // units per pass, so a quota rounded up covers every line)
     const int64_t next = std::max<int64_t>(0, std::min<int64_t>(blk, p1 - pb - blk));
     Ahead ahead;
-    ahead.n = 2 * next;
-    ahead.first_value = next;
-    ahead.bytes[0] = K * H * sizeof(typename S::T);
-    ahead.bytes[1] = K * Hv * sizeof(typename S::T);
-    for (int64_t i = 0; i < next; ++i) {
-      const int64_t slot = slot_of(pr, pb + blk + i);
-      ahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * K * H);
-      ahead.rows[next + i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * K * Hv);
-    }
+    plan_ahead(pr, kc, vc, b, pb + blk, next, K * H, K * Hv, ahead);
     const int64_t lines = next * (ahead.bytes[0] + ahead.bytes[1]) / 64;
     ahead.quota = (lines + 2 * C * K - 1) / (2 * C * K);
     block_rows<S, R>(pr, kc, b, pb, C, K * H, kbuf.data(), krow);
