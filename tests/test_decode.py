@@ -526,9 +526,10 @@ def _ref_weights(q, k, v, scale):
 
 
 # (N, K, H, T, cache slots, per-row cached lengths, ring): 16 query columns per kv head (G*T) or
-# 32, which AVX-512 hosts read with 16 columns per vector (and, with AVX512-BF16, bfloat16
-# products for bfloat16 caches); blocks of 64 slots with an odd last one, several pieces per row
-# (over 1024 slots), an empty row, a ring buffer that wraps inside a block
+# 32, which AVX-512 hosts read with 16 columns per vector (with AVX512-BF16, bfloat16 products
+# for bfloat16 caches read by bfloat16 queries; float16 caches, and bfloat16 ones read by float32
+# queries, converted to float32 block by block); blocks of 64 slots with an odd last one, several
+# pieces per row (over 1024 slots), an empty row, a ring buffer that wraps inside a block
 COLUMNS16_CASES = [
     (8, 2, 64, 4, 2600, [2599, 131], False),
     (16, 1, 128, 1, 300, [300, 0], False),
@@ -537,16 +538,17 @@ COLUMNS16_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16", "bfloat16-f32-queries"])
 @pytest.mark.parametrize("n,k,h,T,L,P,ring", COLUMNS16_CASES,
                          ids=["gqa4-h64-t4", "mqa16-h128-t1", "gqa4-h256-t8", "mqa4-h32-ring"])
 def test_native_kernel_16_query_columns_per_kv_head(n, k, h, T, L, P, ring, dtype):
     """The native kernel's read of the cache where a kv head has 16 or 32 query columns, against
-    float64. A float32 cache: float32 queries, float32 accuracy. A bfloat16 cache: queries that
-    are bfloat16 numbers (what a bfloat16 model passes); with AVX512-BF16 the kernel multiplies
-    in bfloat16 pairs and rounds the probabilities to bfloat16 before the product with the values
-    (as the chunked path and jax.nn.dot_product_attention do): each weight moves by at most 2**-9
-    of itself, so output value d may move by 2**-9 * sum_i w_i |v_id|."""
+    float64. A bfloat16 cache: queries that are bfloat16 numbers (what a bfloat16 model passes);
+    with AVX512-BF16 the kernel multiplies in bfloat16 pairs and rounds the probabilities to
+    bfloat16 before the product with the values (as the chunked path and
+    jax.nn.dot_product_attention do): each weight moves by at most 2**-9 of itself, so output
+    value d may move by 2**-9 * sum_i w_i |v_id|. float32 queries (a float32, float16 or
+    bfloat16 cache; the latter two converted to float32 block by block): float32 accuracy."""
     if not native.enabled():
         pytest.skip(f"native decode kernel unavailable: {native.status()['reason']}")
     rng = np.random.default_rng(3)
@@ -554,8 +556,9 @@ def test_native_kernel_16_query_columns_per_kv_head(n, k, h, T, L, P, ring, dtyp
     q = jnp.asarray(rng.standard_normal((B, T, n, h)), jnp.float32)
     if dtype == "bfloat16":
         q = q.astype(jnp.bfloat16).astype(jnp.float32)
-    kc, vc = (jnp.asarray(rng.standard_normal((B, L, k, h)) * 2, dtype) for _ in range(2))
-    none = jnp.zeros((B, T, k, h), dtype)
+    cache_dtype = dtype.split("-")[0]
+    kc, vc = (jnp.asarray(rng.standard_normal((B, L, k, h)) * 2, cache_dtype) for _ in range(2))
+    none = jnp.zeros((B, T, k, h), cache_dtype)
     idx = jnp.full((B, T), -1, jnp.int32)  # nothing written: only the read is tested
     Pj = jnp.asarray(P, jnp.int32)
     step = jax.jit(lambda q, kc, vc: native.decode_step(

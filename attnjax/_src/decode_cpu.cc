@@ -759,7 +759,17 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
       rows[i] = r;
     } else {
       float* dst = buf + i * width;
-      for (int64_t x = 0; x < width; ++x) dst[x] = S::get(r[x]);
+      int64_t x = 0;
+#if defined(__AVX512F__)
+      for (; x + 16 <= width; x += 16) {  // 16 values per instruction, exact
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + x));
+        if constexpr (std::is_same_v<S, F16>)
+          _mm512_storeu_ps(dst + x, _mm512_cvtph_ps(h));
+        else
+          _mm512_storeu_si512(dst + x, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+#endif
+      for (; x < width; ++x) dst[x] = S::get(r[x]);
       rows[i] = dst;
     }
   }
@@ -843,11 +853,13 @@ inline int64_t d_of(int64_t j) {
   return g * 32 + 8 * ((w % 16) / 4) + 4 * (w / 16) + w % 4;
 }
 
-// attend() (below) for R = F32, or BF16 with pr.q_bf16, when (G*T) % 16 == 0, HD % 32 == 0, no
-// window and no soft cap.
-template <typename R, int HD>
-void attend(const Problem& pr, const typename R::T* kc, const typename R::T* vc, int64_t b,
+// attend() (below) when (G*T) % 16 == 0, HD % 32 == 0, no window and no soft cap, for caches of
+// storage type S read as R: F32 as F32, BF16 as BF16 with pr.q_bf16; other caches (float16,
+// bfloat16 read by float32 queries) as F32, each block converted into a buffer.
+template <typename S, typename R, int HD>
+void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc, int64_t b,
             int64_t p0, int64_t p1, float* m, float* l, float* acc) {
+  static_assert(std::is_same_v<S, R> || std::is_same_v<R, F32>);
   constexpr bool kBF = std::is_same_v<R, BF16>;
   using T = typename R::T;
   constexpr int64_t QW = kBF ? HD / 2 : HD;  // query vectors per tile (pairs for bfloat16)
@@ -884,7 +896,12 @@ void attend(const Problem& pr, const typename R::T* kc, const typename R::T* vc,
   static const uint16_t zero_row[32] = {};  // an odd block's missing last row (32 values read)
   const T* krow[BLOCK];
   const T* vrow[BLOCK];
-  const int64_t row_bytes = K * HD * static_cast<int64_t>(sizeof(T));
+  std::vector<float> kbuf, vbuf;  // a converted block's rows
+  if constexpr (!std::is_same_v<S, R>) {
+    kbuf.resize(BLOCK * K * HD);
+    vbuf.resize(BLOCK * K * HD);
+  }
+  const int64_t row_bytes = K * HD * static_cast<int64_t>(sizeof(typename S::T));
   const int64_t blk = std::clamp<int64_t>((32768 / row_bytes) / 8 * 8, 8, BLOCK);
   for (int64_t pb = p0; pb < p1; pb += blk) {
     const int64_t C = std::min<int64_t>(blk, p1 - pb);
@@ -896,8 +913,8 @@ void attend(const Problem& pr, const typename R::T* kc, const typename R::T* vc,
     // tile's 8 columns × 32 values
     const int64_t units = NT * ((C + 15) / 16) + NT * 2 * (HD / 32) * CV;
     ahead.quota = (2 * next * row_bytes / 64 + units - 1) / units;
-    block_rows<R, R>(pr, kc, b, pb, C, K * HD, nullptr, krow);
-    block_rows<R, R>(pr, vc, b, pb, C, K * HD, nullptr, vrow);
+    block_rows<S, R>(pr, kc, b, pb, C, K * HD, kbuf.data(), krow);
+    block_rows<S, R>(pr, vc, b, pb, C, K * HD, vbuf.data(), vrow);
     // scores S[i] (lane c), 16 slots at a time
     const __m512 sv = _mm512_set1_ps(pr.scale);
     for (int64_t tile = 0; tile < NT; ++tile) {
@@ -1069,18 +1086,16 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
   // 16 query columns per vector (see cols16)
   if constexpr (HD > 0 && HD % 32 == 0) {
     if ((G * T) % 16 == 0 && pr.window_left < 0 && pr.soft_cap == 0.0f) {
-      if constexpr (std::is_same_v<S, F32>) {
-        cols16::attend<F32, HD>(pr, kc, vc, b, p0, p1, m, l, acc);
-        return;
-      }
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<S, BF16>) {
         if (pr.q_bf16) {
-          cols16::attend<BF16, HD>(pr, kc, vc, b, p0, p1, m, l, acc);
+          cols16::attend<BF16, BF16, HD>(pr, kc, vc, b, p0, p1, m, l, acc);
           return;
         }
       }
 #endif
+      cols16::attend<S, F32, HD>(pr, kc, vc, b, p0, p1, m, l, acc);
+      return;
     }
   }
 #endif
