@@ -475,10 +475,10 @@ def test_without_a_working_compiler_decoding_falls_back_to_the_pure_jax_path(tmp
     (8, 2, 64, None, "bfloat16"), (4, 4, 128, None, "bfloat16"), (6, 3, 64, 70, "float16"),
     (4, 2, 96, None, "bfloat16"), (4, 1, 256, 70, "float32"), (8, 2, 80, None, "bfloat16"),
     (4, 4, 80, 70, "float32"), (4, 1, 32, None, "float16"), (4, 2, 112, None, "bfloat16"),
-    (6, 3, 48, 70, "float32")],
+    (6, 3, 48, 70, "float32"), (8, 2, 64, None, "float16")],
     ids=["gqa4-h64", "gqa2-h64-ring", "mha-h128", "gqa4-h64-bf16", "mha-h128-bf16",
          "gqa2-h64-ring-f16", "gqa2-h96-bf16", "mqa-h256-ring", "gqa4-h80-bf16", "mha-h80-ring",
-         "mqa-h32-f16", "gqa2-h112-bf16", "gqa2-h48-ring"])
+         "mqa-h32-f16", "gqa2-h112-bf16", "gqa2-h48-ring", "gqa4-h64-f16"])
 def test_realistic_head_dims(n, k, h, window, dtype, decode_path):
     """Head dims 32, 64, 80, 96, 128 and 256 (the native kernel's vector code, compiled for each)
     and 48, 112 (the same code with the head dim known at run time; the other tests use H=8, the

@@ -334,7 +334,9 @@ inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* s) {
 // reload queries for every key vector and accumulators every four rows). Zen 4 (family 25 model
 // 17), two threads, B=1, N=8, K=2, H=64, L=64k, the kernel alone against a two-thread read of the
 // same bytes, medians of three alternating rounds: one token 3.04 -> 2.13 (bfloat16), 1.90 ->
-// 1.71 (float32); four tokens 5.04 -> 4.25 (bfloat16), 3.0 -> 3.0 (float32).
+// 1.71 (float32); four tokens 5.04 -> 4.25 (bfloat16), 3.0 -> 3.0 (float32). float16 rows too
+// (converted 16 values per instruction; they took the AVX2 tiles before): the same harness,
+// minimums of three rounds, K=2 one token 1.93 -> 1.46 ms, K=8 four tokens 8.6 -> 7.0 ms.
 typedef float v16 __attribute__((vector_size(64)));
 
 inline v16 ld16(const float* p) {
@@ -371,8 +373,9 @@ inline v16 cat8(v8 lo, v8 hi) {
   return x;
 }
 
-// Values 32c .. 32c + 31 of a row (R: F32 or BF16) as two vectors of 16: in order for float32;
-// for bfloat16 (one 64-byte load) the even values, then the odd ones.
+// Values 32c .. 32c + 31 of a row as two vectors of 16: in order for float32 and float16 (16
+// values converted per instruction); for bfloat16 (one 64-byte load) the even values, then the
+// odd ones.
 template <typename R>
 inline void row32(const typename R::T* r, v16& a, v16& b) {
   if constexpr (std::is_same_v<R, BF16>) {
@@ -382,6 +385,11 @@ inline void row32(const typename R::T* r, v16& a, v16& b) {
     const v16u e = u << 16, o = u & 0xffff0000u;
     std::memcpy(&a, &e, sizeof(a));
     std::memcpy(&b, &o, sizeof(b));
+  } else if constexpr (std::is_same_v<R, F16>) {
+    const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)));
+    const __m512 y = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16)));
+    std::memcpy(&a, &x, sizeof(a));
+    std::memcpy(&b, &y, sizeof(b));
   } else {
     a = ld16(r);
     b = ld16(r + 16);
@@ -467,13 +475,11 @@ inline void scores_block(const float* qt, const typename R::T* const* rows, int6
   const int64_t HD = HDC > 0 ? HDC : hd;  // HDC: the head dim, or -1: hd at run time
   const int V = static_cast<int>(HD / 8);
 #if defined(__AVX512F__)
-  if constexpr (!std::is_same_v<R, F16>) {
-    if (GT % 4 == 0 && HD == 64) {  // four columns, the queries in registers over the block
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t y = k * GT; y < (k + 1) * GT; y += 4)
-          scores4x64<R>(qt + y * HD, rows, k * HD, C, s + y * BLOCK, ahead);
-      return;
-    }
+  if (GT % 4 == 0 && HD == 64) {  // four columns, the queries in registers over the block
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t y = k * GT; y < (k + 1) * GT; y += 4)
+        scores4x64<R>(qt + y * HD, rows, k * HD, C, s + y * BLOCK, ahead);
+    return;
   }
 #endif
   int64_t i = 0;
@@ -652,15 +658,13 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
                          int64_t GT, int64_t C, Ahead& ahead, int64_t hd) {
   const int64_t HD = HDC > 0 ? HDC : hd;  // HDC: the head dim, or -1: hd at run time
 #if defined(__AVX512F__)
-  if constexpr (!std::is_same_v<R, F16>) {
-    if (GT % 4 == 0 && HD % 64 == 0) {  // four columns × 64 values at a time, over the block
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < GT; j += 4)
-          for (int64_t h0 = 0; h0 < HD; h0 += 64)
-            values4x64<R>(acc + (k * GT + j) * HD + h0, HD, p + (k * GT + j) * BLOCK, rows,
-                          k * HD + h0, C, ahead);
-      return;
-    }
+  if (GT % 4 == 0 && HD % 64 == 0) {  // four columns × 64 values at a time, over the block
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < GT; j += 4)
+        for (int64_t h0 = 0; h0 < HD; h0 += 64)
+          values4x64<R>(acc + (k * GT + j) * HD + h0, HD, p + (k * GT + j) * BLOCK, rows,
+                        k * HD + h0, C, ahead);
+    return;
   }
 #endif
   constexpr int64_t R4 = 4;  // rows per group: read in memory order, every kv head of them
@@ -778,7 +782,10 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 #if defined(__AVX512F__)
 // Tiles of 16 query columns of one kv head (G*T a multiple of 16: e.g. 4-token steps with 4
 // query heads per kv head), the columns in the lanes of a vector, for float32 caches and for
-// bfloat16 caches read by queries that are bfloat16 numbers.
+// bfloat16 caches read by queries that are bfloat16 numbers; other caches (float16, bfloat16
+// read by float32 queries) as float32, each block converted 16 values per instruction (K=2, 4
+// tokens, L=64k, the kernel alone on two threads: float16 5.9-6.1 -> 3.9-4.1 ms, bfloat16 with
+// float32 queries 4.5-5.1 -> 3.8-5.0 ms, against the 4-column tiles).
 //
 // With 16 columns per kv head a step is bound by arithmetic, not memory: 16 × H multiply-adds
 // per cached key and again per value. The other kernels, with a few columns per tile, reduce
