@@ -175,7 +175,19 @@ struct Ahead {
   int64_t bytes[2] = {0, 0};   // bytes per key row, per value row
   int64_t quota = 0;           // lines per unit of work
   int64_t row = 0, off = 0;    // the next line to prefetch
+  // When each array's rows are consecutive in memory (no wrap of a ring), the same lines in the
+  // same order as two ranges, without the per-row bookkeeping: in cache (K=2, T=4, bfloat16, one
+  // thread, L=2048) 111 -> 100 us, with the 16-column value pass issuing a unit per step.
+  const char* range[2] = {nullptr, nullptr};
+  int64_t lines[2] = {0, 0};   // lines per range
+  int64_t line = 0;            // the next line, counted over both ranges
   inline void issue(int64_t units) {
+    if (range[0]) {
+      const int64_t end = std::min(lines[0] + lines[1], line + units * quota);
+      for (; line < end && line < lines[0]; ++line) __builtin_prefetch(range[0] + line * 64, 0, 2);
+      for (; line < end; ++line) __builtin_prefetch(range[1] + (line - lines[0]) * 64, 0, 2);
+      return;
+    }
     int64_t c = units * quota;
     while (c > 0 && row < n) {  // a tight loop per row (a per-line cursor cost ~20 % in cache)
       const int64_t rb = bytes[row >= first_value];
@@ -749,6 +761,15 @@ inline void plan_ahead(const Problem& pr, const T* kc, const T* vc, int64_t b, i
     ahead.rows[i] = reinterpret_cast<const char*>(kc + (b * pr.L + slot) * kw);
     ahead.rows[next + i] = reinterpret_cast<const char*>(vc + (b * pr.L + slot) * vw);
   }
+  if (next > 0 && ahead.rows[next - 1] == ahead.rows[0] + (next - 1) * ahead.bytes[0] &&
+      ahead.rows[2 * next - 1] == ahead.rows[next] + (next - 1) * ahead.bytes[1]) {
+    for (int a = 0; a < 2; ++a) {  // consecutive slots: each array's lines, first to last
+      const uintptr_t first = reinterpret_cast<uintptr_t>(ahead.rows[a * next]);
+      const uintptr_t line0 = first & ~uintptr_t{63};
+      ahead.range[a] = reinterpret_cast<const char*>(line0);
+      ahead.lines[a] = static_cast<int64_t>((first + next * ahead.bytes[a] - line0 + 63) / 64);
+    }
+  }
 }
 
 // Row pointers (storage type R) of the block's C positions pb.. in one cache buffer of `width`
@@ -1028,11 +1049,11 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
             a[x][0] = _mm512_loadu_ps(o + x * HD);
             a[x][1] = _mm512_loadu_ps(o + x * HD + 16);
           }
-          ahead.issue(CV);
           if constexpr (kBF) {
 #if defined(__AVX512BF16__)
             const uint16_t* pw = reinterpret_cast<const uint16_t*>(pp(tile));
             for (int64_t i2 = 0; i2 < CV; ++i2) {
+              ahead.issue(1);  // spread over the pass (from memory: step / read 2.22 -> 2.01)
               const uint16_t* r1 = 2 * i2 + 1 < C ? vrow[2 * i2 + 1] + off + d0 : zero_row;
               const __m512i v0 = _mm512_loadu_si512(vrow[2 * i2] + off + d0);
               const __m512i v1 = _mm512_loadu_si512(r1);
@@ -1048,6 +1069,7 @@ void attend(const Problem& pr, const typename S::T* kc, const typename S::T* vc,
 #endif
           } else {
             for (int64_t i = 0; i < C; ++i) {
+              ahead.issue(1);
               const __m512 v0 = _mm512_loadu_ps(vrow[i] + off + d0);
               const __m512 v1 = _mm512_loadu_ps(vrow[i] + off + d0 + 16);
 #pragma GCC unroll 8
