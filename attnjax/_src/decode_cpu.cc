@@ -100,8 +100,8 @@ struct F16 {
 
 struct Problem {
   int64_t B, T, N, K, H, Hv, L, G;
-  const float* q;        // (B, T, N, H) queries, times scale
-  float scale;
+  const float* q;        // (B, T, N, H) queries, unscaled
+  float scale;           // the kernels multiply the queries (or their scores) by it
   const int32_t* P;      // (B,) cached lengths before the step
   const int32_t* P_end;  // (B,) lengths after the step
   int64_t window_left;   // -1: no window
@@ -746,9 +746,8 @@ inline void values_block(float* acc, const float* p, const typename R::T* const*
 inline int64_t slot_of(const Problem& pr, int64_t p) { return pr.ring ? p % pr.L : p; }
 
 // Plans the prefetch of the `next` positions from p: their key rows (kw values of storage type
-// T each), then their value rows (vw values). (One range per array when the slots are
-// consecutive was faster in cache but slower from memory: issued faster, the prefetches
-// stalled the rows being computed on.)
+// T each), then their value rows (vw values); when the slots are consecutive, as two line ranges
+// (see Ahead).
 template <typename T>
 inline void plan_ahead(const Problem& pr, const T* kc, const T* vc, int64_t b, int64_t p,
                        int64_t next, int64_t kw, int64_t vw, Ahead& ahead) {
@@ -822,10 +821,11 @@ inline void block_rows(const Problem& pr, const typename S::T* cache, int64_t b,
 // (k[i][2j], k[i][2j+1]) broadcast, times the scale. The product of two bfloat16 numbers is
 // exact in float32, so with queries that are bfloat16 numbers (Problem::q_bf16, checked per call;
 // other queries take the float32 kernels) the scores are the float32 path's up to rounding (the
-// order of summation; the scale applied last). Values: (p[c][i], p[c][i+1]) · (v[i][d], v[i+1][d]), the two value rows' words
-// interleaved in registers, the probabilities rounded to bfloat16 first, as the chunked path and
-// jax.nn.dot_product_attention round them to the values' dtype (each weight moves by at most
-// 2^-9 of itself). vdpbf16ps flushes denormal inputs and results to zero (below 1.2e-38).
+// order of summation; the scale applied last). Values: (p[c][i], p[c][i+1]) · (v[i][d],
+// v[i+1][d]), the two value rows' words interleaved in registers, the probabilities rounded to
+// bfloat16 first, as the chunked path and jax.nn.dot_product_attention round them to the values'
+// dtype (each weight moves by at most 2^-9 of itself). vdpbf16ps flushes denormal inputs and
+// results to zero (below 1.2e-38).
 namespace cols16 {
 
 inline __m512 exp16_nonpos(__m512 x) {  // exp_nonpos on 16 lanes (2^n by vscalefps)

@@ -163,11 +163,11 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, idx, P, P_end, *, window_left
     """The native step: ``(k_cache, v_cache, out, lse)``.
 
     ``q (B, T, N, H)`` float32, multiplied by ``scale`` in the kernel; ``k_new (B, T, K, H)`` /
-    ``v_new`` in the cache dtype; ``idx (B, T)`` int32 slots to write (``< 0`` or ``>= L``: not written); ``P``, ``P_end``
-    ``(B,)`` int32 lengths before and after the step. ``out (B, T, N, Hv)`` float32 is the
-    attention over the cached positions ``< P`` still in the buffers (zeros where none is
-    visible), ``lse (B, T, N)`` its log-sum-exp (``-inf`` there). The cache buffers are aliased
-    in and out (in place when donated).
+    ``v_new`` in the cache dtype; ``idx (B, T)`` int32 slots to write (``< 0`` or ``>= L``: not
+    written); ``P``, ``P_end`` ``(B,)`` int32 lengths before and after the step.
+    ``out (B, T, N, Hv)`` float32 is the attention over the cached positions ``< P`` still in the
+    buffers (zeros where none is visible), ``lse (B, T, N)`` its log-sum-exp (``-inf`` there).
+    The cache buffers are aliased in and out (in place when donated).
     """
     B, T, N, _ = q.shape
     Hv = v_cache.shape[-1]
