@@ -42,6 +42,8 @@ _use_this_checkouts_benchmarks()
 
 from attnjax.benchmarks import __main__ as cli  # noqa: E402
 from attnjax.benchmarks.backends import Case, TorchSdpaBackend, all_backends  # noqa: E402
+from attnjax.benchmarks.decode_summary import main as decode_summary_main  # noqa: E402
+from attnjax.benchmarks.decode_summary import summarize  # noqa: E402
 from attnjax.benchmarks.flops import attention_flops  # noqa: E402
 from attnjax.benchmarks.hostinfo import format_host, host_info  # noqa: E402
 from attnjax.benchmarks.longest import format_longest, longest_for  # noqa: E402
@@ -361,3 +363,48 @@ def test_masks_sweep_runs_tiny(tmp_path, capsys):
     assert "docs" in text or "document" in text
     result = json.loads((tmp_path / "mask_bench.json").read_text())
     assert result["results"] and result["cpu"]["model"]
+
+
+def _decode_row(L, T, ratio, read_ratio=None, dtype="bfloat16", step_ms=2.0):
+    row = {"B": 1, "K": 2, "N": 8, "H": 64, "L": L, "T": T, "dtype": dtype, "cache_MiB": 1.0,
+           "floor_ms": 1.0, "step_ms": step_ms, "ratio": ratio, "xla_ms": 10.0,
+           "xla_ratio": 10.0, "step_temp_MiB": 0.0}
+    if read_ratio is not None:
+        row["read_ms"], row["read_ratio"] = 1.0, read_ratio
+    return row
+
+
+def test_decode_summary_counts_runs_meeting_the_target():
+    # three runs of two configurations; the target (issue 13) applies from 32k slots: a
+    # 4-token step within 2x of the floor and, where a run has one, of the read
+    runs = [[_decode_row(8192, 4, 2.5, 2.4), _decode_row(65536, 4, 1.9, 2.1, step_ms=2.0)],
+            [_decode_row(8192, 4, 1.5, 1.4), _decode_row(65536, 4, 1.7, 1.8, step_ms=4.0)],
+            [_decode_row(8192, 4, 1.2, 1.1), _decode_row(65536, 4, 2.2, 1.6, step_ms=5.0)]]
+    short, long = summarize(runs)
+    assert (short["L"], short["runs"], short["met"]) == (8192, 3, None)  # below 32k: no target
+    assert short["ratio"] == (1.5, 1.2, 2.5)
+    assert short["read_ratio"] == (1.4, 1.1, 2.4)
+    assert (long["L"], long["runs"]) == (65536, 3)
+    assert long["met"] == 1  # run 1 misses on the read, run 3 on the floor
+    assert long["ratio"] == (1.9, 1.7, 2.2)
+    assert long["step_ms"] == 4.0
+    assert long["xla_over_step"] == 10.0 / 4.0
+    # one-token steps: within 1.5x; a float32 cache has no read
+    one = summarize([[_decode_row(32768, 1, r, dtype="float32")] for r in (1.4, 1.5, 1.6)])[0]
+    assert (one["met"], one["read_ratio"]) == (2, None)
+
+
+def test_decode_summary_prints_a_table_from_json_files(tmp_path, capsys):
+    files = []
+    for i, ratio in enumerate((1.8, 2.3)):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps({"host": host_info(), "native_kernel": {},
+                                    "rows": [_decode_row(65536, 4, ratio, 1.9)]}))
+        files.append(str(path))
+    decode_summary_main(files)
+    out = capsys.readouterr().out
+    assert out.startswith("host: ")
+    assert "2 runs of decode_bench.py" in out
+    assert "| 1 | 2 | 64 | bfloat16 | 64k | 4 | 2 |" in out
+    assert "2.05× (1.80–2.30)" in out and "1 of 2" in out
+    assert "measurements meeting it: 1 of 2" in out
