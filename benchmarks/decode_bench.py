@@ -18,6 +18,12 @@ configuration this benchmark times, alternately in the same run,
 
 and prints the medians and their ratio (the median over repeats of step / floor timed back to
 back, robust to load that drifts during the run), with the compiled temp memory of the step.
+Before every timed call an untimed read of an unrelated buffer (twice the last-level cache, at
+least 64 MiB) evicts the CPU caches, so the floor and the step both start cold, as a layer's
+cache does in a model whose other layers ran in between. Without it (``--warm``, the bench before
+2026-12-01) the step ran right after the floor had read the same cache, and caches that fit in
+the last-level cache (here B=1, K=2) read partly from it: on a Zen 4 VM with a 32 MiB L3,
+bfloat16 K=2 4-token steps took 8-20 % less time than cold.
 Optionally (``--stock``) the stock Flax decode step is timed too: ``dynamic_update_slice`` into
 the cache, then ``jax.nn.dot_product_attention`` with a ``(B, 1, 1, L)`` mask over the whole cache.
 
@@ -31,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import statistics
 import time
@@ -52,11 +59,45 @@ def _floor(k, v):
     return jnp.sum(k, dtype=jnp.float32) + jnp.sum(v, dtype=jnp.float32)
 
 
-def _interleaved(fns, repeats: int):
-    """Median wall time of each ``fn()`` (each blocks on its result), called in turn."""
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache's size in bytes from Linux's sysfs (0 where unknown)."""
+    sizes = [0]
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes)
+
+
+def _evict_bytes() -> int:
+    return max(64 * 2**20, 2 * _last_level_cache_bytes())
+
+
+_evict_buffer = []
+_read = jax.jit(jnp.sum)
+
+
+def _evict():
+    """Reads an unrelated buffer of twice the last-level cache (at least 64 MiB)."""
+    if not _evict_buffer:
+        _evict_buffer.append(jnp.ones((_evict_bytes() // 4,), jnp.float32))
+    jax.block_until_ready(_read(_evict_buffer[0]))
+
+
+def _interleaved(fns, repeats: int, evict: bool = True):
+    """Wall times of each ``fn()`` (each blocks on its result), called in turn; with ``evict``,
+    each call starts after an untimed read that evicts the CPU caches."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if evict:
+                _evict()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -64,7 +105,7 @@ def _interleaved(fns, repeats: int):
 
 
 def bench(B: int, K: int, L: int, dtype, T: int, repeats: int, chunk: int | None,
-          stock: bool, N: int = 8, H: int = 64):
+          stock: bool, N: int = 8, H: int = 64, evict: bool = True):
     r = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(r[0], (B, T, N, H), dtype)
     k = jax.random.normal(r[1], (B, T, K, H), dtype)
@@ -124,7 +165,7 @@ def bench(B: int, K: int, L: int, dtype, T: int, repeats: int, chunk: int | None
         fns["stock"] = run_stock
     for fn in fns.values():  # compile + warm up
         fn()
-    times = _interleaved(fns, repeats)
+    times = _interleaved(fns, repeats, evict)
     row = {
         "B": B, "K": K, "N": N, "H": H, "L": L, "T": T, "dtype": jnp.dtype(dtype).name,
         "cache_MiB": 2 * B * L * K * H * jnp.dtype(dtype).itemsize / 2**20,
@@ -161,6 +202,8 @@ def main(argv=None):
                     help="cache slots per chunk (default: cached_attention's own choice)")
     ap.add_argument("--head-dim", type=int, default=64, help="H (default 64)")
     ap.add_argument("--stock", action="store_true", help="also time the stock Flax-style step")
+    ap.add_argument("--warm", action="store_true",
+                    help="do not evict the CPU caches before each timed call (see above)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
     info = host_info()
@@ -169,7 +212,9 @@ def main(argv=None):
     print(f"native CPU decode kernel: {'on' if st['enabled'] else 'off'} ({st['reason']})")
     print(f"N=8 H={args.head_dim}; step = cached_attention of T new tokens against a full cache, "
           f"jitted, cache donated; floor = jnp.sum(K) + jnp.sum(V), jitted; medians of {args.repeats} "
-          "interleaved repeats; ratio = median of step/floor timed back to back")
+          "interleaved repeats; ratio = median of step/floor timed back to back; "
+          + ("caches not evicted (--warm)" if args.warm else
+             f"CPU caches evicted before each timed call ({_evict_bytes() >> 20} MiB read)"))
     head = (f"{'B':>2} {'K':>2} {'dtype':>8} {'L':>6} {'T':>2} {'K+V MiB':>8} | "
             f"{'floor ms':>9} {'step ms':>9} {'ratio':>6} {'temp MiB':>8} | "
             f"{'xla ms':>8} {'ratio':>6} | {'read ms':>8} {'step/read':>9}")
@@ -183,7 +228,7 @@ def main(argv=None):
                 for dt in args.dtypes:
                     for L in args.lengths:
                         row = bench(B, K, L, jnp.dtype(dt), T, args.repeats, args.chunk,
-                                    args.stock, H=args.head_dim)
+                                    args.stock, H=args.head_dim, evict=not args.warm)
                         rows.append(row)
                         line = (f"{B:>2} {K:>2} {row['dtype']:>8} {L:>6} {T:>2} "
                                 f"{row['cache_MiB']:>8.0f} | {row['floor_ms']:>9.2f} "
@@ -198,7 +243,8 @@ def main(argv=None):
                         print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"host": info, "native_kernel": st, "rows": rows}, f, indent=1)
+            json.dump({"host": info, "native_kernel": st, "evict": not args.warm, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ _use_this_checkouts_benchmarks()
 
 from attnjax.benchmarks import __main__ as cli  # noqa: E402
 from attnjax.benchmarks.backends import Case, TorchSdpaBackend, all_backends  # noqa: E402
+from attnjax.benchmarks import decode_bench  # noqa: E402
 from attnjax.benchmarks.decode_summary import main as decode_summary_main  # noqa: E402
 from attnjax.benchmarks.decode_summary import summarize  # noqa: E402
 from attnjax.benchmarks.flops import attention_flops  # noqa: E402
@@ -408,3 +409,19 @@ def test_decode_summary_prints_a_table_from_json_files(tmp_path, capsys):
     assert "| 1 | 2 | 64 | bfloat16 | 64k | 4 | 2 |" in out
     assert "2.05× (1.80–2.30)" in out and "1 of 2" in out
     assert "measurements meeting it: 1 of 2" in out
+
+
+def test_decode_bench_row_with_and_without_eviction(monkeypatch):
+    reads = []
+    evict = decode_bench._evict
+    monkeypatch.setattr(decode_bench, "_evict", lambda: (reads.append(1), evict()))
+    assert decode_bench._evict_bytes() >= 64 * 2**20
+    # with eviction, one evicting read before each timed call: floor, step, xla step and (for a
+    # bfloat16 cache) the float32 read, in each of the 2 repeats
+    for flag, expected in ((True, 4 * 2), (False, 0)):
+        reads.clear()
+        row = decode_bench.bench(1, 1, 256, "bfloat16", 1, repeats=2, chunk=None, stock=False,
+                                 N=2, H=16, evict=flag)
+        assert len(reads) == expected
+        assert row["floor_ms"] > 0 and row["step_ms"] > 0 and row["read_ratio"] > 0
+        assert row["cache_MiB"] == 2 * 256 * 16 * 2 / 2**20
