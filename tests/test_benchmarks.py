@@ -41,8 +41,8 @@ def _use_this_checkouts_benchmarks() -> None:
 _use_this_checkouts_benchmarks()
 
 from attnjax.benchmarks import __main__ as cli  # noqa: E402
-from attnjax.benchmarks.backends import Case, TorchSdpaBackend, all_backends  # noqa: E402
 from attnjax.benchmarks import decode_bench  # noqa: E402
+from attnjax.benchmarks.backends import Case, TorchSdpaBackend, all_backends  # noqa: E402
 from attnjax.benchmarks.decode_summary import main as decode_summary_main  # noqa: E402
 from attnjax.benchmarks.decode_summary import summarize  # noqa: E402
 from attnjax.benchmarks.flops import attention_flops  # noqa: E402
