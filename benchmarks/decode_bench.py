@@ -23,7 +23,7 @@ least 64 MiB) evicts the CPU caches, so the floor and the step both start cold, 
 cache does in a model whose other layers ran in between. Without it (``--warm``, the bench before
 2026-12-01) the step ran right after the floor had read the same cache, and caches that fit in
 the last-level cache (here B=1, K=2) read partly from it: on a Zen 4 VM with a 32 MiB L3,
-bfloat16 K=2 4-token steps took 8-20 % less time than cold.
+bfloat16 K=2 4-token steps took 12-25 % less time than cold at 32k, 2-13 % at 64k.
 Optionally (``--stock``) the stock Flax decode step is timed too: ``dynamic_update_slice`` into
 the cache, then ``jax.nn.dot_product_attention`` with a ``(B, 1, 1, L)`` mask over the whole cache.
 
