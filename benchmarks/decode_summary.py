@@ -107,7 +107,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="JSON files written by decode_bench.py --json")
     args = ap.parse_args(argv)
-    runs, hosts = [], []
+    runs, hosts, modes = [], [], []
     for name in args.files:
         with open(name) as f:
             data = json.load(f)
@@ -116,9 +116,14 @@ def main(argv=None):
         desc = format_host(host) if host else "(no host recorded)"
         if desc not in hosts:
             hosts.append(desc)
+        mode = {True: "CPU caches evicted before each timed call", False: "warm (--warm)",
+                None: "caches not evicted (decode_bench.py before 2026-12-01)"}[data.get("evict")]
+        if mode not in modes:
+            modes.append(mode)
     for desc in hosts:
         print(desc)
-    print(f"{len(runs)} runs of decode_bench.py")
+    print(f"{len(runs)} runs of decode_bench.py; " + "; ".join(modes)
+          + (" (mixed: the rows compare unlike runs)" if len(modes) > 1 else ""))
     summary = summarize(runs)
     print(format_summary(summary))
     rows = [s for s in summary if s["met"] is not None]

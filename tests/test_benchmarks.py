@@ -399,13 +399,13 @@ def test_decode_summary_prints_a_table_from_json_files(tmp_path, capsys):
     files = []
     for i, ratio in enumerate((1.8, 2.3)):
         path = tmp_path / f"run{i}.json"
-        path.write_text(json.dumps({"host": host_info(), "native_kernel": {},
+        path.write_text(json.dumps({"host": host_info(), "native_kernel": {}, "evict": True,
                                     "rows": [_decode_row(65536, 4, ratio, 1.9)]}))
         files.append(str(path))
     decode_summary_main(files)
     out = capsys.readouterr().out
     assert out.startswith("host: ")
-    assert "2 runs of decode_bench.py" in out
+    assert "2 runs of decode_bench.py; CPU caches evicted before each timed call\n" in out
     assert "| 1 | 2 | 64 | bfloat16 | 64k | 4 | 2 |" in out
     assert "2.05× (1.80–2.30)" in out and "1 of 2" in out
     assert "measurements meeting it: 1 of 2" in out
