@@ -5,8 +5,9 @@ moves by up to 2x between runs minutes apart. This script reads the JSON files o
 (``decode_bench.py ... --json FILE``) and prints, per configuration (B, K, H, dtype, L, T), a
 Markdown table of the medians over runs of the floor and step times, the median and range of
 ``step / floor`` (and ``step / read`` for bfloat16/float16 caches), the pure-JAX step's time
-and how many times slower it is than the step, and for caches of 32k slots and more how many runs met issue 13's target (``step / floor`` at
-most 1.5 for one-token steps, 2 for multi-token steps; both ratios where the run has a read).
+and how many times slower it is than the step, and for caches of 32k slots and more how many
+runs met issue 13's target (``step / floor`` at most 1.5 for one-token steps, 2 for multi-token
+steps; both ratios where the run has a read).
 
 Usage::
 
@@ -43,11 +44,11 @@ def summarize(runs: list[list[dict]]) -> list[dict]:
     """Per configuration (in first-seen order), statistics over the runs that measured it.
 
     ``runs`` holds each run's rows as ``decode_bench.py`` writes them. Each summary has the
-    configuration's fields, ``runs`` (how many measured it), ``floor_ms``, ``step_ms``,
-    ``xla_ms`` and ``xla_over_step`` (medians over runs; the last of each run's ``xla_ms /
-    step_ms``), ``ratio`` and ``read_ratio`` as ``(median, min, max)``
-    (``read_ratio`` None without a read), and ``met``: how many runs met the target (None where
-    the target does not apply).
+    configuration's fields, ``runs`` (how many measured it), ``floor_ms``, ``step_ms`` and
+    ``xla_ms`` (medians over runs), ``xla_over_step`` (the median over runs of ``xla_ms /
+    step_ms``), ``ratio`` and ``read_ratio`` as ``(median, min, max)`` (``read_ratio`` None
+    without a read), and ``met``: how many runs met the target (None where the target does not
+    apply).
     """
     groups: dict[tuple, list[dict]] = {}
     for rows in runs:
