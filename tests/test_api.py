@@ -160,6 +160,15 @@ BAD = [
         r"implementation must be one of \('xla', 'xla_chunked', 'cudnn', 'splash', 'pallas_gpu'\) or None, "
         r"got 'flash'",
     ),
+    ("causal_type", dict(is_causal=2), TypeError, r"is_causal must be a bool, got 2"),
+    ("causal_array", dict(is_causal=jnp.array([True])), TypeError, r"is_causal must be a bool"),
+    ("scale_str", dict(scale="a"), TypeError, r"scale must be a float or None, got 'a'"),
+    (
+        "head_dim_zero",
+        dict(query=q0[..., :0], key=k0[..., :0], value=v0[..., :0]),
+        ValueError,
+        r"head counts and head dims must be non-zero.*got query \(2, 24, 4, 0\)",
+    ),
     (
         "chunk_zero",
         dict(chunk_size=0),
@@ -192,6 +201,53 @@ def test_bad_input_raises_clearly(name, kw, exc, msg):
         jax.jit(lambda q, k, v: attnjax.dot_product_attention(q, k, v, **kw))(
             args["query"], args["key"], args["value"]
         )
+
+
+def test_is_causal_accepts_what_jax_nn_accepts_and_a_traced_one_is_named():
+    """0/1 and concrete NumPy/JAX bool or int scalars work in place of a bool, as in jax.nn."""
+    q, k, v = _qkv()
+    want = attnjax.dot_product_attention(q, k, v, is_causal=True)
+    plain = attnjax.dot_product_attention(q, k, v, is_causal=False)
+    assert not np.allclose(np.asarray(want), np.asarray(plain))
+    for c in (1, np.bool_(True), np.int32(1), jnp.bool_(True), jnp.array(1)):
+        got = attnjax.dot_product_attention(q, k, v, is_causal=c)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(attnjax.dot_product_attention(q, k, v, is_causal=0)), np.asarray(plain))
+    with pytest.raises(TypeError, match=r"is_causal must be a static bool.*got a traced bool"):
+        jax.jit(lambda c: attnjax.dot_product_attention(q, k, v, is_causal=c))(True)
+
+
+@pytest.mark.parametrize("impl", [None, "xla", "xla_chunked"])
+@pytest.mark.parametrize("empty", ["batch", "query", "key", "query_unbatched"])
+def test_empty_batch_or_sequence_as_jax_nn(impl, empty):
+    """B, T or S of zero: the shapes jax.nn returns; with S = 0 every row sees no key, so zeros
+    and a log-sum-exp of -inf (the sinks' logits with sinks), and zero gradients."""
+    q, k, v = _qkv()
+    if empty == "batch":
+        q, k, v = q[:0], k[:0], v[:0]
+    elif empty == "query":
+        q = q[:, :0]
+    elif empty == "key":
+        k, v = k[:, :0], v[:, :0]
+    else:
+        q, k, v = q[0, :0], k[0], v[0]
+    kw = dict(implementation=impl, is_causal=True, mask=jnp.ones((q.shape[-3], k.shape[-3]), bool))
+    out, lse = attnjax.dot_product_attention(q, k, v, return_residual=True, **kw)
+    want, want_lse = jax.nn.dot_product_attention(q, k, v, return_residual=True)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    assert lse.shape == want_lse.shape and lse.dtype == want_lse.dtype
+    if empty == "key":
+        np.testing.assert_array_equal(np.asarray(out), 0.0)
+        np.testing.assert_array_equal(np.asarray(lse), -np.inf)
+        sinks = jnp.arange(N, dtype=jnp.float32)
+        _, lse = attnjax.dot_product_attention(q, k, v, return_residual=True, sinks=sinks, **kw)
+        np.testing.assert_array_equal(np.asarray(lse), np.broadcast_to(np.arange(N), lse.shape))
+    grads = jax.jit(jax.grad(
+        lambda q, k, v: jnp.sum(attnjax.dot_product_attention(q, k, v, **kw)), (0, 1, 2)))(q, k, v)
+    for g, x in zip(grads, (q, k, v), strict=True):
+        assert g.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
 def test_chunk_size_config():

@@ -382,6 +382,24 @@ def test_forward_mode_of_chunked_names_the_implementation_that_supports_it():
     np.testing.assert_allclose(np.asarray(tangent), np.asarray(fd), atol=2e-3, rtol=2e-3)
 
 
+def test_forward_mode_with_default_dispatch_at_any_size():
+    """implementation=None under jax.jvp takes "xla" even above the size where it would take
+    "xla_chunked" (which has no forward mode), as jax.nn serves jax.jvp at any size; also with
+    jax.vmap inside jax.jvp. Against a central difference of the float64 reference."""
+    rng = np.random.default_rng(11)
+    q, k, v, t = (rng.standard_normal((1, 2050, 1, 8)) for _ in range(4))  # B·N·T·S > 2**22
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    assert attnjax.explain_dispatch(f32(q), f32(k), f32(v)).chosen == "xla_chunked"
+    f = lambda x: ref.attention(x, k, v)[0]
+    want = (f(q + 1e-5 * t) - f(q - 1e-5 * t)) / 2e-5
+    g = lambda x: attnjax.dot_product_attention(x, f32(k), f32(v))
+    _, tangent = jax.jit(lambda a, b: jax.jvp(g, (a,), (b,)))(f32(q), f32(t))
+    np.testing.assert_allclose(np.asarray(tangent), want, atol=1e-4, rtol=1e-4)
+    g1 = jax.vmap(lambda x: attnjax.dot_product_attention(x, f32(k[0]), f32(v[0])))
+    _, tangent = jax.jvp(g1, (f32(q),), (f32(t),))
+    np.testing.assert_allclose(np.asarray(tangent), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
 def test_traced_logits_soft_cap_under_jit_and_its_gradient(impl):
     rng = np.random.default_rng(9)

@@ -82,17 +82,47 @@ def _check_soft_cap(logits_soft_cap):
     return value
 
 
+def _forward_mode(*arrays) -> bool:
+    """Whether an input is traced by forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``), also
+    beneath other transformations (e.g. ``jax.vmap`` inside ``jax.jvp``)."""
+    for x in arrays:
+        seen = 0
+        while isinstance(x, jax.core.Tracer) and seen < 64:  # outer to inner tracers
+            if type(x).__name__ == "JVPTracer":
+                return True
+            inner = [getattr(x, a) for a in ("val", "primal") if hasattr(x, a)]
+            x = inner[0] if inner else None
+            seen += 1
+    return False
+
+
 def _reject_forward_mode(implementation: str, *arrays) -> None:
     """Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) of a custom-VJP implementation would
     fail deep inside JAX; say which implementation serves it instead."""
-    for x in arrays:
-        if x is not None and type(x).__name__ == "JVPTracer":
-            raise TypeError(
-                f"implementation={implementation!r} supports reverse-mode differentiation "
-                "(jax.grad, jax.vjp, jax.jacrev) but not forward mode (jax.jvp, jax.jacfwd): its "
-                "backward pass is a custom VJP. Use implementation='xla' for forward-mode "
-                "derivatives (it is differentiated by JAX itself)."
-            )
+    if _forward_mode(*arrays):
+        raise TypeError(
+            f"implementation={implementation!r} supports reverse-mode differentiation "
+            "(jax.grad, jax.vjp, jax.jacrev) but not forward mode (jax.jvp, jax.jacfwd): its "
+            "backward pass is a custom VJP. Use implementation='xla' for forward-mode "
+            "derivatives (it is differentiated by JAX itself)."
+        )
+
+
+def _check_is_causal(is_causal) -> bool:
+    """A static bool: ``True``/``False``, or what ``jax.nn`` also accepts in their place (``0``/
+    ``1``, a concrete NumPy or JAX scalar of bool or integer dtype holding 0 or 1)."""
+    if isinstance(is_causal, bool | np.bool_):
+        return bool(is_causal)
+    if isinstance(is_causal, jax.core.Tracer):
+        raise TypeError(
+            f"is_causal must be a static bool (it decides the mask at trace time), got a traced "
+            f"{jnp.result_type(is_causal)} value; pass a Python bool (e.g. mark it static in jax.jit)"
+        )
+    if isinstance(is_causal, int | np.integer | np.ndarray | jax.Array):
+        x = np.asarray(is_causal)
+        if x.ndim == 0 and (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer)) and x in (0, 1):
+            return bool(x)
+    raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
 
 
 def _normalise_window(local_window_size):
@@ -177,8 +207,12 @@ def dot_product_attention(
 
     **Differentiation.** Every implementation supports reverse mode (``jax.grad``, ``jax.vjp``)
     with respect to ``query``, ``key``, ``value``, ``bias`` and a traced ``logits_soft_cap``.
-    ``"xla_chunked"`` has a custom VJP, so forward mode (``jax.jvp``, ``jax.jacfwd``) raises a
-    ``TypeError`` that points to ``"xla"``.
+    Forward mode (``jax.jvp``, ``jax.jacfwd``) works with ``"xla"``, which ``implementation=None``
+    then takes at any size (memory O(B·N·T·S), as ``jax.nn``); the other implementations have a
+    custom VJP, and naming one under forward mode raises a ``TypeError`` that points to ``"xla"``.
+
+    **Empty inputs.** ``B``, ``T`` or ``S`` may be 0, as in ``jax.nn``: the result has the same
+    shape as ``jax.nn``'s; with ``S = 0`` every row sees no key (zeros, log-sum-exp ``-inf``).
 
     Args:
       query: ``(BTNH|TNH)`` floating array.
@@ -189,7 +223,8 @@ def dot_product_attention(
         ``(BNTS|NTS)``. It is differentiable (its gradient is summed over broadcast dims).
       mask: optional boolean array, rank <= 4, broadcastable to ``(BNTS|NTS)``; True = attend.
       scale: logit scale; ``None`` means ``1 / sqrt(H)``.
-      is_causal: causal mask, aligned by ``query_offset`` (default top-left, as ``jax.nn``).
+      is_causal: causal mask, aligned by ``query_offset`` (default top-left, as ``jax.nn``). A
+        static bool (``0``/``1`` and concrete bool or int scalars are accepted, as in ``jax.nn``).
       query_seq_lengths: int ``(B)``: query rows ``>=`` the length are masked (output zero).
       key_value_seq_lengths: int ``(B)``: keys ``>=`` the length are masked.
       local_window_size: ``int`` or ``(left, right)`` window around ``i + query_offset``.
@@ -211,8 +246,10 @@ def dot_product_attention(
         stored) and is identical across implementations and chunk sizes.
       implementation: ``"xla"`` (materialised scores; memory O(B·N·T·S)), ``"xla_chunked"``
         (online softmax over chunks; memory O(T·H + chunk²), forward and backward), or ``None``:
-        ``"xla"`` while ``B·N·T·S <= 2**22`` (small problems, e.g. decoding one token), else
-        ``"xla_chunked"``. A named implementation never falls back to another.
+        ``"xla"`` while ``B·N·T·S <= 2**22`` (small problems, e.g. decoding one token) or under
+        forward-mode differentiation, else ``"xla_chunked"`` (on GPUs and TPUs first the fused
+        kernels that can serve the call: ``"cudnn"``, ``"pallas_gpu"``, ``"splash"``). A named
+        implementation never falls back to another.
       chunk_size: for ``"xla_chunked"``: a :class:`ChunkSize`, an int (both sizes) or a
         ``(query, key)`` pair. Any length works. ``None`` (default) picks square chunks of 512
         when ``B·N <= 8`` and smaller powers of two (down to 64) for larger ``B·N``, so that one
@@ -289,10 +326,10 @@ def dot_product_attention(
         raise ValueError(
             f"value must have shape (B, S, K, Hv) = ({B}, {S}, {K}, Hv) like key, got {_shape_str(value)}"
         )
-    if min(T, S, N, K, H, value.shape[3]) == 0:
+    if min(N, K, H, value.shape[3]) == 0:
         raise ValueError(
-            f"all dims must be non-zero, got query {_shape_str(query)}, key {_shape_str(key)}, "
-            f"value {_shape_str(value)}"
+            "head counts and head dims must be non-zero (batch and sequence lengths may be 0), got "
+            f"query {_shape_str(query)}, key {_shape_str(key)}, value {_shape_str(value)}"
         )
     if N % K != 0:
         raise ValueError(
@@ -360,8 +397,7 @@ def dot_product_attention(
                 raise ValueError(f"query_offset must be an int or have shape (B,) = ({B},), got {_shape_str(off)}")
 
     window = _normalise_window(local_window_size)
-    if not isinstance(is_causal, bool | np.bool_):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    is_causal = _check_is_causal(is_causal)
 
     logits_soft_cap = _check_soft_cap(logits_soft_cap)
 
@@ -386,9 +422,11 @@ def dot_product_attention(
         query = query * jnp.asarray(scale, query.dtype)
         scale = 1.0
     else:
+        if isinstance(scale, str | bytes):
+            raise TypeError(f"scale must be a float or None, got {scale!r}")
         try:
             scale = float(scale)
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(f"scale must be a float or None, got {scale!r}") from None
     registry.check_name(implementation)
     # ---- flexible attention: mask_mod, score_mod, block_mask, sinks ----
@@ -432,6 +470,7 @@ def dot_product_attention(
         return_residual=bool(return_residual), precision=precision is not None,
         pallas_interpret=pallas_config.interpret_enabled(),
         flex=mask_mod is not None or score_mod is not None or block_mask is not None,
+        forward_mode=_forward_mode(query, key, value, bias, logits_soft_cap),
     )
     if (features.platform in ("cuda", "rocm") and not features.pallas_interpret
             and (mask_mod is not None or score_mod is not None)):
@@ -444,6 +483,9 @@ def dot_product_attention(
     if capture is not None:
         capture.append(features)
         raise _Captured  # explain_dispatch: stop before any implementation is traced
+    if min(B, T, S) == 0:
+        # Nothing to attend (as jax.nn: an empty output, or S = 0: every row fully masked).
+        return _empty(B, T, N, value.shape[3], query.dtype, sinks, (bool(unbatched), bool(return_residual)))
     impl = registry.select(features, implementation)
     call = registry.Call(
         query=query, key=key, value=value, bias=bias, mask=mask, q_lengths=q_lens,
@@ -483,6 +525,20 @@ def _compute(impl, call: registry.Call, sinks, post: tuple[bool, bool]):
     if return_residual:
         return out, lse.astype(out.dtype)
     return out
+
+
+def _empty(B, T, N, Hv, dtype, sinks, post: tuple[bool, bool]):
+    """The result of a call with ``B``, ``T`` or ``S`` zero: zeros, and a log-sum-exp of ``-inf``
+    (or the sink logits) for rows that see no key."""
+    unbatched, return_residual = post
+    out = jnp.zeros((B, T, N, Hv), dtype)
+    if sinks is None:
+        lse = jnp.full((B, T, N), -jnp.inf, dtype)
+    else:
+        lse = jnp.broadcast_to(sinks.astype(dtype), (B, T, N))
+    if unbatched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_residual else out
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "settings", "post"))

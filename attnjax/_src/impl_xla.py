@@ -16,11 +16,13 @@ class XLA(Implementation):
     forward_mode = True
     supports_flex = True
     serves = ("every argument; materialises the B·N·T·S scores (memory O(B·N·T·S)); "
-              "implementation=None takes it only while B·N·T·S <= 2**22")
+              "implementation=None takes it only while B·N·T·S <= 2**22, or at any size "
+              "under forward-mode differentiation (jax.jvp)")
 
     def unsupported(self, f: CallFeatures, auto: bool):
         reason = super().unsupported(f, auto)
-        if reason is None and auto and f.scores > AUTO_MATERIALISE_MAX_SCORES:
+        if (reason is None and auto and f.scores > AUTO_MATERIALISE_MAX_SCORES
+                and not f.forward_mode):
             reason = (f"B·N·T·S = {f.scores} > 2**22: implementation=None materialises the scores "
                       "only below that")
         return reason

@@ -61,6 +61,9 @@ class CallFeatures:
       precision: an explicit matmul ``precision`` was given.
       pallas_interpret: inside :func:`attnjax.pallas_interpret` (Pallas kernels interpreted).
       flex: a ``mask_mod``, ``score_mod`` or ``block_mask`` was given.
+      forward_mode: the call is differentiated in forward mode (``jax.jvp``, ``jax.jacfwd``): an
+        input is a JVP tracer. ``implementation=None`` then takes only implementations that JAX
+        differentiates itself (``"xla"``, at any size).
       flex_gpu_reason: on CUDA/ROCm (not interpreted), why the mods cannot run inside a Triton
         kernel (``None``: they can, or not asked).
     """
@@ -93,6 +96,7 @@ class CallFeatures:
     pallas_interpret: bool = False
     flex: bool = False  # a mask_mod, score_mod or block_mask (callables): see supports_flex
     flex_gpu_reason: str | None = None
+    forward_mode: bool = False
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
@@ -171,6 +175,9 @@ class Implementation:
             reason = f"dtype {f.dtype} not supported (supports {', '.join(self.dtypes)})"
         if reason is None and f.flex and not getattr(self, "supports_flex", False):
             reason = "mask_mod/score_mod/block_mask (callables) not supported"
+        if reason is None and auto and f.forward_mode and not self.forward_mode:
+            reason = ("forward-mode differentiation (jax.jvp, jax.jacfwd) not supported: "
+                      "its backward pass is a custom VJP")
         return reason
 
     def __call__(self, call: Call):
