@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import attnjax
 import attnjax.linen
 
 F, N, B, T = 16, 4, 2, 10
@@ -155,3 +156,23 @@ def test_bad_input():
         m.apply({**v, **mut}, _x((B, 2, F)), mutable=["cache"])
     with pytest.raises(ValueError, match="mask"):
         m.apply(v, _x((B, 1, F)), mask=jnp.ones((B, 1, 1, 4), bool), mutable=["cache"])
+
+
+def test_custom_attention_fn_or_einsums_raise_instead_of_being_ignored():
+    """The stock module calls a custom attention_fn and custom einsum classes; attnjax's module
+    always attends with attnjax, so it refuses them (it used to ignore them silently), and
+    accepts its own default and attnjax.flax_attention_fn."""
+    x = _x((B, T, F))
+    doubled = lambda q, k, v, **kw: 2.0 * nn.dot_product_attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match=r"attention_fn=.*stock flax.linen"):
+        attnjax.linen.MultiHeadDotProductAttention(num_heads=N, attention_fn=doubled).init(
+            jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"\['qk_attn_weights_einsum_cls'\].*not supported"):
+        attnjax.linen.MultiHeadDotProductAttention(
+            num_heads=N, qk_attn_weights_einsum_cls=lambda: jnp.einsum).init(jax.random.key(0), x)
+    plain = attnjax.linen.MultiHeadDotProductAttention(num_heads=N)
+    params = plain.init(jax.random.key(0), x)
+    same = attnjax.linen.MultiHeadDotProductAttention(num_heads=N,
+                                                      attention_fn=attnjax.flax_attention_fn)
+    np.testing.assert_array_equal(np.asarray(same.apply(params, x)),
+                                  np.asarray(plain.apply(params, x)))

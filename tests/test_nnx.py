@@ -169,6 +169,70 @@ def test_decode_matches_stock_decode():
                                np.asarray(stock.cached_key[...]), atol=1e-6)
 
 
+def _doubled_attention(calls):
+    """A custom attention_fn (twice the stock attention), counting its calls."""
+    def fn(q, k, v, **kw):
+        calls.append(k.shape)
+        return 2.0 * nnx.dot_product_attention(q, k, v, **kw)
+    return fn
+
+
+def test_decode_with_custom_attention_fn_as_stock():
+    """decode=True calls a custom attention_fn as the stock module does: token by token it gives
+    the stock module's outputs (same parameters, same fn), and prefill, multi-token and ragged
+    steps give the full causal forward pass of the stock module with that fn."""
+    B, L, T = 2, 12, 9
+    x = _x((B, T, F))
+    calls_s, calls_o = [], []
+    stock = _stock(num_kv_heads=2, attention_fn=_doubled_attention(calls_s))
+    ours = _ours(seed=7, num_kv_heads=2, attention_fn=_doubled_attention(calls_o))
+    nnx.update(ours, nnx.state(stock, nnx.Param))
+    full = stock(x, mask=nnx.make_causal_mask(jnp.ones((B, T))))
+    stock.init_cache((B, L, F))
+    ours.init_cache((B, L, F))
+    for t in range(T):
+        y_s = stock(x[:, t:t + 1], decode=True)
+        y_o = ours(x[:, t:t + 1], decode=True)
+        np.testing.assert_allclose(np.asarray(y_o), np.asarray(y_s), atol=2e-5, rtol=2e-5)
+    assert len(calls_o) == T and calls_o[-1] == (B, L, 2, F // N)
+    np.testing.assert_allclose(np.asarray(y_o), np.asarray(full[:, -1:]), atol=2e-5, rtol=2e-5)
+    # prefill 4, a 3-token step with row 1 adding only 2 tokens, then single steps (jitted)
+    ours.init_cache((B, L, F))
+    step = nnx.jit(lambda m, tok, n: m(tok, decode=True, query_seq_lengths=n))
+    y0 = step(ours, x[:, :4], jnp.array([4, 4]))
+    y1 = step(ours, x[:, 4:7], jnp.array([3, 2]))
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([y0[0], y1[0]], 0)),
+                               np.asarray(full[0, :7]), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(y1[1, :2]), np.asarray(full[1, 4:6]), atol=2e-5,
+                               rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(ours.cache_index[...]), [7, 6])
+    y2 = step(ours, x[:, 7:8], jnp.array([1, 1]))
+    np.testing.assert_allclose(np.asarray(y2[0]), np.asarray(full[0, 7:8]), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"attnjax options \['logits_soft_cap'\]"):
+        ours(x[:, :1], decode=True, logits_soft_cap=5.0)
+    with pytest.raises(ValueError, match="overflow"):
+        ours(x[:, :6], decode=True)
+
+
+def test_decode_with_custom_attention_fn_on_a_ring_buffer():
+    """A ring buffer of W slots with a custom attention_fn: one token per call, each seeing the
+    last W tokens (against the stock module with the fn and a windowed causal mask)."""
+    B, T, W = 2, 9, 3
+    x = _x((B, T, F))
+    stock = _stock(num_kv_heads=2, attention_fn=_doubled_attention([]))
+    ours = _ours(num_kv_heads=2, attention_fn=_doubled_attention([]))
+    nnx.update(ours, nnx.state(stock, nnx.Param))
+    i = jnp.arange(T)
+    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)
+    full = stock(x, mask=mask[None, None])
+    ours.init_cache((B, 16, F), window=W)
+    step = nnx.jit(lambda m, tok: m(tok, decode=True))
+    ys = jnp.concatenate([step(ours, x[:, t:t + 1]) for t in range(T)], 1)
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(full), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="one token per call, got T=2"):
+        ours(x[:, :2], decode=True)
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_prefill_and_steps_equal_full_causal_forward(window):
     B, T = 2, 13

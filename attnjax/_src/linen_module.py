@@ -37,9 +37,11 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
 
     Differences from the stock module as for :class:`attnjax.nnx.MultiHeadAttention`:
     ``broadcast_dropout`` is not honoured (per-element dropout), ``sow_weights`` raises, fully
-    masked rows output zero, decode mode takes no ``mask`` and is always causal. The inherited
-    ``attention_fn`` attribute is ignored (attention always runs on attnjax; to keep a stock
-    module with attnjax attention use ``attention_fn=attnjax.flax_attention_fn`` on it).
+    masked rows output zero, decode mode takes no ``mask`` and is always causal. Attention
+    always runs on attnjax: the inherited ``attention_fn`` attribute must stay at its default
+    (or ``attnjax.flax_attention_fn``) and ``qk_attn_weights_einsum_cls`` /
+    ``attn_weights_value_einsum_cls`` at ``None``, else ``ValueError`` (to keep a stock module
+    with attnjax attention, use ``attention_fn=attnjax.flax_attention_fn`` on it).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -90,8 +92,20 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
         Raises:
           ValueError: ``qkv_features % num_heads``, ``num_heads % num_kv_heads``, mismatched
             key/value feature sizes, decode batch different from the cache's, overflow of a
-            plain cache, dropout or ``mask`` in decode mode.
+            plain cache, dropout or ``mask`` in decode mode, a custom ``attention_fn`` or
+            custom einsum classes.
         """
+        if self.attention_fn not in (nn.dot_product_attention, flax_attention_fn):
+            raise ValueError(
+                f"attention_fn={self.attention_fn!r}: attnjax.linen.MultiHeadDotProductAttention "
+                "always attends with attnjax (set its implementation/chunk_size attributes); for "
+                "a custom attention_fn use the stock flax.linen.MultiHeadDotProductAttention")
+        einsums = [n for n in ("qk_attn_weights_einsum_cls", "attn_weights_value_einsum_cls")
+                   if getattr(self, n) is not None]
+        if einsums:
+            raise ValueError(
+                f"{einsums} (custom, e.g. quantised, einsums) are not supported: attnjax never "
+                "forms the attention weights; use the stock flax.linen.MultiHeadDotProductAttention")
         if inputs_kv is not None:
             if inputs_k is not None or inputs_v is not None:
                 raise ValueError("give either inputs_kv or inputs_k/inputs_v, not both")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import attention as _stock
 
@@ -60,7 +62,9 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
         Args:
           attention_fn: ``None`` (default) runs attnjax with all its options; a custom function
             is called exactly as the stock module calls it (attnjax-only call options are then
-            rejected).
+            rejected), in decode mode too: over the whole cache with a boolean mask of the
+            positions each query sees, after this call's keys and values are written (any
+            number of tokens per call on a plain cache, one on a ring buffer).
           implementation: default core implementation (``"xla"``, ``"xla_chunked"`` or ``None``
             for auto).
           chunk_size: default :class:`attnjax.ChunkSize` / int / ``(query, key)`` pair.
@@ -203,7 +207,8 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
                 dropout_rng = rngs()
 
         if decode:
-            x = self._decode(query, key, value, inputs_q, inputs_k, mask, deterministic_, extra)
+            x = self._decode(query, key, value, inputs_q, inputs_k, mask, deterministic_, extra,
+                             sow_weights)
         elif self.custom_attention_fn:
             given = [k for k, v in extra.items() if v is not None]
             if given:
@@ -226,7 +231,8 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
             )
         return self.out(x, out_sharding=out_sharding)
 
-    def _decode(self, query, key, value, inputs_q, inputs_k, mask, deterministic, extra):
+    def _decode(self, query, key, value, inputs_q, inputs_k, mask, deterministic, extra,
+                sow_weights=False):
         if inputs_k is not inputs_q:
             raise ValueError("decode mode is self-attention only: pass inputs_k=inputs_v=None")
         if mask is not None:
@@ -254,6 +260,21 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
         idx = jnp.broadcast_to(jnp.asarray(self.cache_index[...], jnp.int32), (ck.shape[0],))
         cache = KVCache(ck, self.cached_value[...], idx, self.cache_window)
         dtype = self.dtype or jnp.result_type(query, key, value)
+        if self.custom_attention_fn:
+            given = [k for k in ("local_window_size", "logits_soft_cap", "implementation",
+                                 "chunk_size", "mask_mod", "score_mod", "sinks")
+                     if extra[k] is not None]
+            if given:
+                raise ValueError(
+                    f"attnjax options {given} need attention_fn=None (got a custom one)")
+            out, cache = _decode_with(self.attention_fn, query, key, value, cache,
+                                      extra["query_seq_lengths"], dtype=self.dtype,
+                                      precision=self.precision,
+                                      module=self if sow_weights else None)
+            self.cached_key.set_value(cache.key)
+            self.cached_value.set_value(cache.value)
+            self.cache_index.set_value(cache.lengths)
+            return out
         out, cache = cached_attention(
             query.astype(dtype), key.astype(dtype), value.astype(dtype), cache,
             query_seq_lengths=extra["query_seq_lengths"],
@@ -267,3 +288,63 @@ class MultiHeadAttention(_stock.MultiHeadAttention):
         self.cached_value.set_value(cache.value)
         self.cache_index.set_value(cache.lengths)
         return out
+
+
+def _decode_with(attention_fn, query, key, value, cache: KVCache, query_seq_lengths, *, dtype,
+                 precision, module):
+    """A decode step through a custom ``attention_fn``, as the stock module decodes: this step's
+    keys and values written into the cache at each row's position (ring slots for a ring
+    buffer), then ``attention_fn`` over the whole cache with a boolean mask ``(B, 1, T, L)``
+    that shows each query the positions written so far up to its own (and, in a ring, the last
+    ``W``). Returns ``(out, cache)``. A plain cache that overflows raises when the lengths are
+    concrete; under ``jit`` the overflowing rows' outputs are NaN (as ``cached_attention``)."""
+    B, T = query.shape[:2]
+    L = cache.key.shape[1]
+    P = cache.lengths.astype(jnp.int32)
+    if query_seq_lengths is None:
+        n = jnp.full((B,), T, jnp.int32)
+    else:
+        n = jnp.asarray(query_seq_lengths)
+        if not jnp.issubdtype(n.dtype, jnp.integer) or n.shape != (B,):
+            raise ValueError(
+                f"query_seq_lengths must be an int array of shape (B,) = ({B},), got "
+                f"{n.dtype}{tuple(n.shape)}")
+        n = jnp.clip(n.astype(jnp.int32), 0, T)
+    ring = cache.window is not None
+    if ring and T > 1:
+        raise ValueError(
+            f"decode mode with a custom attention_fn and a ring buffer (window={cache.window}) "
+            f"takes one token per call, got T={T}: the step's earlier tokens would need keys its "
+            "later ones overwrite (attention_fn=None serves any T)")
+    if not ring and T > L:
+        raise ValueError(f"a step of T={T} tokens does not fit in a cache of max_length {L}")
+    overflow = None if ring else P + n > L
+    if overflow is not None and not isinstance(overflow, jax.core.Tracer) and bool(overflow.any()):
+        rows = np.nonzero(np.asarray(overflow))[0].tolist()
+        raise ValueError(
+            f"cache overflow: rows {rows} hold {np.asarray(P)[rows].tolist()} tokens and this "
+            f"step adds {np.asarray(n)[rows].tolist()}, but max_length is {L}; use a larger "
+            "cache or init_cache(..., window=W)")
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    qpos = P[:, None] + t  # (B, T) positions of this step's tokens
+    slot = qpos % L if ring else qpos
+    slot = jnp.where(t < n[:, None], slot, L)  # tokens past a row's length: not written
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+    key_cache = cache.key.at[rows, slot].set(key.astype(cache.key.dtype), mode="drop")
+    value_cache = cache.value.at[rows, slot].set(value.astype(cache.value.dtype), mode="drop")
+    end = P + n  # positions < end are cached after this step
+    j = jnp.arange(L, dtype=jnp.int32)[None, :]
+    if ring:  # slot j holds the latest position p < end with p % L == j
+        pos = j + L * jnp.floor_divide(end[:, None] - 1 - j, L)
+    else:
+        pos = jnp.broadcast_to(j, (B, L))
+    valid = (pos >= 0) & (pos < end[:, None])
+    vis = valid[:, None, :] & (pos[:, None, :] <= qpos[:, :, None])
+    if ring:
+        vis = vis & (pos[:, None, :] > qpos[:, :, None] - cache.window)
+    out = attention_fn(query, key_cache, value_cache, mask=vis[:, None], dropout_rng=None,
+                       dropout_rate=0.0, broadcast_dropout=False, deterministic=True,
+                       dtype=dtype, precision=precision, module=module, is_causal=False)
+    if overflow is not None:
+        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+    return out, KVCache(key_cache, value_cache, end, cache.window)
