@@ -224,6 +224,10 @@ def test_overflow_and_bad_input():
     with pytest.raises(ValueError, match="query_seq_lengths"):
         cached_attention(q[:, :1], k[:, :1], v[:, :1], KVCache.create(B, 4, K, H),
                          query_seq_lengths=jnp.ones((B + 1,), jnp.int32))
+    for bad in (2, -1):  # a step of one token adds 0 or 1 per row
+        with pytest.raises(ValueError, match=r"query_seq_lengths must be in \[0, T\] = \[0, 1\]"):
+            cached_attention(q[:, :1], k[:, :1], v[:, :1], KVCache.create(B, 4, K, H),
+                             query_seq_lengths=jnp.full((B,), bad, jnp.int32))
 
 
 def _compiled_step(L, T, window=None, chunk=256):

@@ -154,6 +154,30 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def step_lengths(query_seq_lengths, B: int, T: int):
+    """The tokens each row adds in a step of ``T``: int32 ``(B,)``, ``T`` when ``None``.
+
+    Raises ``ValueError`` for a wrong shape or dtype, and (when the values are concrete, i.e.
+    outside ``jit``) for values outside ``[0, T]``; traced values are clipped to ``[0, T]``.
+    """
+    if query_seq_lengths is None:
+        return jnp.full((B,), T, jnp.int32)
+    n = jnp.asarray(query_seq_lengths)
+    if not jnp.issubdtype(n.dtype, jnp.integer) or n.shape != (B,):
+        raise ValueError(
+            f"query_seq_lengths must be an int array of shape (B,) = ({B},), got "
+            f"{n.dtype}{tuple(n.shape)}"
+        )
+    if _is_concrete(n):
+        bad = (np.asarray(n) < 0) | (np.asarray(n) > T)
+        if bad.any():
+            raise ValueError(
+                f"query_seq_lengths must be in [0, T] = [0, {T}] (the tokens each row adds in "
+                f"this step of T={T}), got {np.asarray(n).tolist()}"
+            )
+    return jnp.clip(n.astype(jnp.int32), 0, T)
+
+
 def _block_update(carry, qg, kb, vb, vis, logits_soft_cap, precision, hook=None, kpos=None):
     """Online-softmax update of ``carry = (m, l, acc)`` with one key block.
 
@@ -488,7 +512,8 @@ def cached_attention(
       query_seq_lengths: optional int ``(B,)``: row ``b`` has only its first
         ``query_seq_lengths[b]`` tokens valid (ragged prompts padded on the right, or rows that
         sit out a step with 0). Only valid tokens are written and counted; outputs of the others
-        are zero.
+        are zero. Values outside ``[0, T]`` raise when concrete (outside ``jit``) and are
+        clipped to it under ``jit``.
       scale: logit scale, default ``1/sqrt(H)``.
       local_window_size: ``w`` or ``(w, right)`` (``right`` is irrelevant under the causal
         mask): sliding-window attention over a plain cache (the cache still stores everything).
@@ -569,16 +594,7 @@ def cached_attention(
         window_left = w if window_left is None else min(window_left, w)
 
     P = cache.lengths.astype(jnp.int32)
-    if query_seq_lengths is None:
-        n = jnp.full((B,), T, jnp.int32)
-    else:
-        n = jnp.asarray(query_seq_lengths)
-        if not jnp.issubdtype(n.dtype, jnp.integer) or n.shape != (B,):
-            raise ValueError(
-                f"query_seq_lengths must be an int array of shape (B,) = ({B},), got "
-                f"{n.dtype}{tuple(n.shape)}"
-            )
-        n = jnp.clip(n.astype(jnp.int32), 0, T)
+    n = step_lengths(query_seq_lengths, B, T)
     overflow = None
     if not ring:
         overflow = P + n > L

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import attention as _stock
 
-from attnjax._src.decode import KVCache, cached_attention
+from attnjax._src.decode import KVCache, cached_attention, step_lengths
 from attnjax._src.flax_fn import default_kv_inputs, flax_attention_fn
 from attnjax._src.flax_fn import first_not_none as _first
 
@@ -301,15 +301,7 @@ def _decode_with(attention_fn, query, key, value, cache: KVCache, query_seq_leng
     B, T = query.shape[:2]
     L = cache.key.shape[1]
     P = cache.lengths.astype(jnp.int32)
-    if query_seq_lengths is None:
-        n = jnp.full((B,), T, jnp.int32)
-    else:
-        n = jnp.asarray(query_seq_lengths)
-        if not jnp.issubdtype(n.dtype, jnp.integer) or n.shape != (B,):
-            raise ValueError(
-                f"query_seq_lengths must be an int array of shape (B,) = ({B},), got "
-                f"{n.dtype}{tuple(n.shape)}")
-        n = jnp.clip(n.astype(jnp.int32), 0, T)
+    n = step_lengths(query_seq_lengths, B, T)
     ring = cache.window is not None
     if ring and T > 1:
         raise ValueError(
