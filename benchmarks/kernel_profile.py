@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnjax
-import attnjax._src.attention as _attention
+import attnjax._src.impl_xla as _impl_xla
 
 try:
     from .hostinfo import format_host
 except ImportError:  # run as a file: python benchmarks/kernel_profile.py
     from hostinfo import format_host
 
-_INSTALLED = _attention.attention_chunked
+_INSTALLED = _impl_xla.attention_chunked  # what implementation="xla_chunked" calls
 
 
 def _load_chunked(path: str):
@@ -77,12 +77,12 @@ def _run_config(cfg: str, a, chunks) -> None:
 
     def chunked(kernel, cq, ck):
         def fn(q, k, v):
-            _attention.attention_chunked = kernel  # read at trace time
+            _impl_xla.attention_chunked = kernel  # read at trace time
             try:
                 return attnjax.dot_product_attention(
                     q, k, v, is_causal=causal, implementation="xla_chunked", chunk_size=(cq, ck))
             finally:
-                _attention.attention_chunked = _INSTALLED
+                _impl_xla.attention_chunked = _INSTALLED
         return fn
 
     fns = {}

@@ -425,3 +425,27 @@ def test_decode_bench_row_with_and_without_eviction(monkeypatch):
         assert len(reads) == expected
         assert row["floor_ms"] > 0 and row["step_ms"] > 0 and row["read_ratio"] > 0
         assert row["cache_MiB"] == 2 * 256 * 16 * 2 / 2**20
+
+
+def test_kernel_profile_swaps_the_kernel_that_xla_chunked_calls(monkeypatch):
+    """kernel_profile.py runs other copies of chunked.py in place of the installed kernel: its
+    swap point must be the function implementation="xla_chunked" calls (it once named an
+    attribute that had moved, and the script crashed on start)."""
+    import jax
+    import jax.numpy as jnp
+    from attnjax.benchmarks import kernel_profile
+
+    import attnjax._src.impl_xla as impl_xla
+
+    assert kernel_profile._INSTALLED is impl_xla.attention_chunked
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return kernel_profile._INSTALLED(*args, **kwargs)
+
+    monkeypatch.setattr(impl_xla, "attention_chunked", spy)
+    q = jnp.ones((1, 8, 2, 4))
+    jax.block_until_ready(jax.jit(
+        lambda q: attnjax.dot_product_attention(q, q, q, implementation="xla_chunked"))(q))
+    assert calls

@@ -245,7 +245,9 @@ def dot_product_attention(
         the key and the ``(b, n, i, j)`` position only: it is regenerated block by block (never
         stored) and is identical across implementations and chunk sizes.
       implementation: ``"xla"`` (materialised scores; memory O(B·N·T·S)), ``"xla_chunked"``
-        (online softmax over chunks; memory O(T·H + chunk²), forward and backward), or ``None``:
+        (online softmax over chunks; memory O(T·H + chunk²), forward and backward),
+        ``"cudnn"`` (NVIDIA GPUs), ``"splash"`` (TPUs), ``"pallas_gpu"`` (attnjax's fused GPU
+        kernel; see :func:`attnjax.explain_dispatch` for what each serves), or ``None``:
         ``"xla"`` while ``B·N·T·S <= 2**22`` (small problems, e.g. decoding one token) or under
         forward-mode differentiation, else ``"xla_chunked"`` (on GPUs and TPUs first the fused
         kernels that can serve the call: ``"cudnn"``, ``"pallas_gpu"``, ``"splash"``). A named
@@ -268,7 +270,8 @@ def dot_product_attention(
       score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on the scaled logits
         after the soft cap and before bias and masks (compute dtype, same shape). Gradients
         flow to every array it closes over (an ALiBi slope, a bias table), in every
-        implementation.
+        implementation that serves it (``"xla"``, ``"xla_chunked"``, ``"pallas_gpu"``; not
+        ``"cudnn"`` or ``"splash"``).
       block_mask: an :class:`attnjax.BlockMask` from :func:`attnjax.create_block_mask`, built
         for this call's ``(B|1, N|1, T, S)``: ``"xla_chunked"`` and ``"pallas_gpu"`` then
         visit only non-empty blocks and skip the mask on full ones; its block size sets the
@@ -604,8 +607,12 @@ def explain_dispatch(query, key, value, bias=None, mask=None, **kwargs) -> regis
     ``implementation``, that name, or a note that the call would raise).
 
     Example:
+      >>> import jax.numpy as jnp, attnjax
       >>> q = k = v = jnp.zeros((2, 1024, 8, 64), jnp.bfloat16)
-      >>> print(attnjax.explain_dispatch(q, k, v, is_causal=True))
+      >>> report = attnjax.explain_dispatch(q, k, v, is_causal=True)
+      >>> report.chosen   # on CPU: B·N·T·S = 2**24 > 2**22
+      'xla_chunked'
+      >>> print(report)   # the table: every implementation, eligible or why not
     """
     implementation = kwargs.get("implementation")
     registry.check_name(implementation)

@@ -542,8 +542,9 @@ def cached_attention(
     product with the values, as :func:`attnjax.dot_product_attention` and
     ``jax.nn.dot_product_attention`` round them to the values' dtype (each weight moves by at
     most ``2**-9`` of itself); the pure-JAX path keeps them in float32. A step is
-    differentiable in forward mode (``jax.jvp``), not in reverse mode: the cache is read by a
-    loop whose trip count depends on the lengths.
+    differentiable in forward mode (``jax.jvp``); reverse mode (``jax.grad``) works only
+    eagerly, with concrete lengths (under ``jit`` JAX refuses it: the cache is read by a loop
+    whose trip count depends on the lengths).
 
     Raises:
       ValueError: shape mismatches with the cache (batch, heads, head dims), ``N % K != 0``,

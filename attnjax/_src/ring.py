@@ -535,10 +535,12 @@ def ring_attention(
 
     Example:
       >>> mesh = jax.make_mesh((8,), ("seq",))
-      >>> f = jax.shard_map(
+      >>> f = jax.jit(jax.shard_map(
       ...     functools.partial(attnjax.ring_attention, axis_name="seq", is_causal=True),
-      ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
-      >>> out = f(q, k, v)   # q, k, v: (B, T, N, H) global arrays, T % 8 == 0
+      ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq")))
+      >>> # q, k, v: (B, T, N, H) global arrays, T % 8 == 0, sharded like in_specs
+      >>> q, k, v = (jax.device_put(x, jax.NamedSharding(mesh, P(None, "seq"))) for x in (q, k, v))
+      >>> out = f(q, k, v)
     """
     num_seg = _check_layout(layout)
     n = _axis_size(axis_name)
@@ -695,7 +697,7 @@ def ring_attention_sharded(
         ``(B, T)``, ``(B, S)``, int or ``(B,)``).
       **kwargs: the other keyword arguments of :func:`ring_attention` (``is_causal``,
         ``local_window_size``, ``scale``, ``logits_soft_cap``, ``chunk_size``, ``precision``,
-        ``return_residual``).
+        ``return_residual``, ``implementation``, ``mask_mod``, ``score_mod``, ``sinks``).
 
     Returns:
       The global output ``(B, T, N, Hv)`` in ``layout`` order, sharded like ``query``
