@@ -19,6 +19,7 @@ import pytest
 import attnjax
 from attnjax import masks
 from tests import _batching
+from tests import reference as ref_np
 
 B, T, S, N, K, H = 2, 37, 45, 4, 2, 16
 CHUNKS = (16, 8)
@@ -465,6 +466,36 @@ def test_errors():
         attnjax.create_block_mask(lambda b, h, qi, ki: qi, 1, 1, 8, 8)
 
 
+def test_block_mask_of_one_row_or_head_for_a_mask_that_depends_on_it():
+    """A block mask built with B=1 (N=1) broadcasts over a call's rows (heads) only for a
+    mask_mod that ignores b (h): its classes hold for b = 0 (h = 0), and full blocks skip the
+    mask, so another row's answer would be wrong. Such a call raises; built with the call's
+    size, the result matches the dense reference."""
+    dpa = attnjax.dot_product_attention
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 32, 4, 8)), jnp.float32)
+    doc = jnp.asarray([[0] * 16 + [1] * 16, [0] * 32], jnp.int32)  # rows differ
+    by_row = masks.document(doc)
+    by_head = lambda b, h, qi, ki: (ki <= qi) | (h >= 2)
+    for mm, b, n, match in ((by_row, 1, None, "B=1 .* depends on 'b'.*B=2"),
+                            (by_head, 2, 1, "N=1 .* depends on 'h'.*N=4")):
+        bm = attnjax.create_block_mask(mm, b, n, 32, 32, block_size=8)
+        with pytest.raises(ValueError, match=match):
+            dpa(q, q, q, block_mask=bm, implementation="xla_chunked")
+        good = attnjax.create_block_mask(mm, 2, 4, 32, 32, block_size=8)
+        got = dpa(q, q, q, block_mask=good, implementation="xla_chunked")
+        i, j = np.arange(32)[:, None], np.arange(32)[None, :]
+        vis = np.broadcast_to(np.asarray(mm(np.arange(2)[:, None, None, None],
+                                            np.arange(4)[None, :, None, None], i, j)),
+                              (2, 4, 32, 32))
+        want, _, _ = ref_np.attention(q, q, q, vis=vis)
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    # a mask_mod that ignores b and h still broadcasts from one row and head
+    bm = attnjax.create_block_mask(masks.causal, np.int64(1), 1, np.int64(32), 32, block_size=8)
+    want, _, _ = ref_np.attention(q, q, q, vis=ref_np.visibility(2, 4, 32, 32, is_causal=True))
+    np.testing.assert_allclose(np.asarray(dpa(q, q, q, block_mask=bm)), want, atol=2e-5, rtol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # Ring attention and decoding honour the mods.
 
@@ -483,6 +514,10 @@ def test_ring_attention_mods_match_single_device():
     for layout in ("contiguous", "zigzag"):
         # out, dq, dk, dv, dsinks, dslopes against single-device attention (4 devices)
         assert len(res[layout]["diffs"]) == 6 and max(res[layout]["diffs"]) < 2e-4, res
+    for axis in ("batch_axis", "head_axis"):
+        # mods that depend on b and h, and global sinks, with the batch or heads split too
+        assert len(res["batch_head_axes"][axis]) == 6, res
+        assert max(res["batch_head_axes"][axis]) < 2e-4, res
         assert res[layout]["dsinks"] > 0 and res[layout]["dslopes"] > 0
     # Gradients w.r.t. the arrays a score_mod closes over (ALiBi slopes, a T5 table) on 2
     # devices, against the float64 reference (f32 gradient tolerance, relative to the size).

@@ -305,8 +305,9 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
     ``h = 0`` only) and the result broadcasts over every batch row / head of the attention
     call. That is only right for a ``mask_mod`` that ignores ``b`` / ``h``, so a ``mask_mod``
     whose output depends on that argument (found by tracing it) raises ``ValueError``: pass
-    the size instead (``B=1`` is allowed and means one row, as for a ``(1, S)`` document-id
-    array).
+    the size instead. A block mask built with ``B=1`` (``N=1``) serves a call with more rows
+    (heads) only when ``mask_mod`` does not depend on ``b`` (``h``); else the call raises
+    ``ValueError`` (build it with the call's size).
 
     Args:
       mask_mod: the mask, element-wise in jnp operations on broadcast int32 index arrays.
@@ -325,9 +326,9 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
       A :class:`BlockMask`.
 
     Raises:
-      TypeError: a ``mask_mod`` that does not return bool, or bad sizes.
-      ValueError: non-positive sizes; ``B=None`` (``N=None``) with a ``mask_mod`` that
-        depends on ``b`` (``h``).
+      TypeError: a ``mask_mod`` that does not return bool.
+      ValueError: sizes that are not positive ints; ``B=None`` (``N=None``) with a
+        ``mask_mod`` that depends on ``b`` (``h``).
 
     Example:
       >>> causal = lambda b, h, q, kv: q >= kv
@@ -343,8 +344,9 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
     for name, val in (("B", B), ("N", N), ("T", T), ("S", S)):
         if val is None and name in ("B", "N"):
             continue
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        if isinstance(val, bool | np.bool_) or not isinstance(val, int | np.integer) or val < 1:
             raise ValueError(f"create_block_mask: {name} must be a positive int, got {val!r}")
+    B, N, T, S = (None if x is None else int(x) for x in (B, N, T, S))
     Bm, Nm = B or 1, N or 1
     if block_size is None:
         bq, bk = as_chunk_size(None, Bm * Nm).resolve(T, S)
@@ -411,6 +413,20 @@ def check_block_mask(block_mask, B: int, N: int, T: int, S: int, mask_mod, query
             "mask_mod differs from the mask_mod the block_mask was built from; pass the same "
             "callable object to create_block_mask and dot_product_attention (or omit mask_mod)"
         )
+    if block_mask.mask_mod is not None and ((Bm == 1 < B) or (Nm == 1 < N)):
+        # One row / head of classes broadcast over the call's: right only for a mask_mod that
+        # ignores b / h (its classes hold for b = 0 / h = 0 only; full blocks skip the mask).
+        idx = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+        deps = mod_depends_on(block_mask.mask_mod, idx, idx,
+                              jax.ShapeDtypeStruct((1, 1, T, 1), jnp.int32),
+                              jax.ShapeDtypeStruct((1, 1, 1, S), jnp.int32))
+        for name, built, size, arg, dep in (("B", Bm, B, "b", deps[0]), ("N", Nm, N, "h", deps[1])):
+            if built == 1 < size and dep:
+                raise ValueError(
+                    f"block_mask was built with {name}=1 for a mask_mod that depends on {arg!r}, "
+                    f"but this call has {name}={size}: its blocks hold for {arg}=0 only; build it "
+                    f"with {name}={size}"
+                )
 
 
 # ------------------------------------------------------------------------------------------------

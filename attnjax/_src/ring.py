@@ -698,6 +698,8 @@ def ring_attention_sharded(
       **kwargs: the other keyword arguments of :func:`ring_attention` (``is_causal``,
         ``local_window_size``, ``scale``, ``logits_soft_cap``, ``chunk_size``, ``precision``,
         ``return_residual``, ``implementation``, ``mask_mod``, ``score_mod``, ``sinks``).
+        ``mask_mod``/``score_mod`` see global batch rows, heads and positions (also with
+        ``batch_axis``/``head_axis``); ``sinks`` is the global ``(N,)``.
 
     Returns:
       The global output ``(B, T, N, Hv)`` in ``layout`` order, sharded like ``query``
@@ -763,13 +765,34 @@ def ring_attention_sharded(
         else:
             arrays["query_offset"] = off
             specs["query_offset"] = P(batch_axis)
+    kwargs = dict(kwargs)
+    if kwargs.get("sinks") is not None:  # global (N,): each device takes its heads' sinks
+        sinks = jnp.asarray(kwargs.pop("sinks"))
+        if not jnp.issubdtype(sinks.dtype, jnp.floating) or sinks.shape != (q.shape[2],):
+            raise ValueError(f"sinks must be a float array of shape (N,) = ({q.shape[2]},), got "
+                             f"{sinks.dtype}{sinks.shape}")
+        arrays["sinks"] = sinks
+        specs["sinks"] = P(head_axis)
     return_residual = kwargs.get("return_residual", False)
     out_specs = (seq_spec, P(batch_axis, seq_axis, head_axis)) if return_residual else seq_spec
+    b_local = q.shape[0] // (mesh.shape[batch_axis] if batch_axis is not None else 1)
+    n_local = q.shape[2] // (mesh.shape[head_axis] if head_axis is not None else 1)
 
     def local(a):
         a = dict(a)
         q_, k_, v_ = a.pop("query"), a.pop("key"), a.pop("value")
-        return ring_attention(q_, k_, v_, axis_name=seq_axis, layout=layout, **a, **kwargs)
+        kw = dict(kwargs)
+        if batch_axis is not None or head_axis is not None:
+            # the mods see global batch rows and heads: this device's first ones are b0 and h0
+            b0 = 0 if batch_axis is None else lax.axis_index(batch_axis) * b_local
+            h0 = 0 if head_axis is None else lax.axis_index(head_axis) * n_local
+            if kw.get("mask_mod") is not None:
+                mm = kw["mask_mod"]
+                kw["mask_mod"] = lambda b, h, qi, ki: mm(b + b0, h + h0, qi, ki)
+            if kw.get("score_mod") is not None:
+                sm = kw["score_mod"]
+                kw["score_mod"] = lambda s, b, h, qi, ki: sm(s, b + b0, h + h0, qi, ki)
+        return ring_attention(q_, k_, v_, axis_name=seq_axis, layout=layout, **a, **kw)
 
     if any(t == AxisType.Explicit for t in mesh.axis_types):
         # Arrays on an explicit-sharding mesh carry their sharding in their type, and shard_map
