@@ -58,8 +58,12 @@ def prefix_lm(prefix_lengths) -> MaskMod:
 
 
 def document(q_doc_ids, kv_doc_ids=None) -> MaskMod:
-    """Packed documents: a query sees only keys of its own document (``q_doc_ids (B, T)`` indexed
-    by query position, ``kv_doc_ids (B, S)`` by key position; the same array when omitted).
+    """Packed documents: a query sees only keys of its own document (``q_doc_ids`` indexed by
+    ``q_idx``, the query's position among the keys, ``i + query_offset``; ``kv_doc_ids (B, S)``
+    by key position; the same array when omitted). Without a ``query_offset``, ``q_doc_ids`` of
+    shape ``(B, T)`` works; with one (chunked prefill, decoding) give ids that cover the query
+    positions, e.g. the keys' ``(B, S)`` ids as the only argument (JAX clamps an index past an
+    array's end, which would silently reuse its last id).
     Combine with :func:`causal` for causal packing."""
     q_ids = jnp.asarray(q_doc_ids)
     kv_ids = q_ids if kv_doc_ids is None else jnp.asarray(kv_doc_ids)
