@@ -205,6 +205,10 @@ def test_decode_with_custom_attention_fn_as_stock():
                                np.asarray(full[0, :7]), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(np.asarray(y1[1, :2]), np.asarray(full[1, 4:6]), atol=2e-5,
                                rtol=2e-5)
+    # row 1's padded third token: zero attention (as cached_attention), so the out projection's
+    # bias alone
+    pad = ours.out(jnp.zeros((N, F // N)))
+    np.testing.assert_allclose(np.asarray(y1[1, 2]), np.asarray(pad), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(ours.cache_index[...]), [7, 6])
     y2 = step(ours, x[:, 7:8], jnp.array([1, 1]))
     np.testing.assert_allclose(np.asarray(y2[0]), np.asarray(full[0, 7:8]), atol=2e-5, rtol=2e-5)

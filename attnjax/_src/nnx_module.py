@@ -337,6 +337,7 @@ def _decode_with(attention_fn, query, key, value, cache: KVCache, query_seq_leng
     out = attention_fn(query, key_cache, value_cache, mask=vis[:, None], dropout_rng=None,
                        dropout_rate=0.0, broadcast_dropout=False, deterministic=True,
                        dtype=dtype, precision=precision, module=module, is_causal=False)
+    out = jnp.where((t < n[:, None])[:, :, None, None], out, 0)  # as cached_attention
     if overflow is not None:
         out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     return out, KVCache(key_cache, value_cache, end, cache.window)
