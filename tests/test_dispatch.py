@@ -47,6 +47,7 @@ CUDNN_TABLE = [
     (dict(head_dim=512, value_head_dim=512), False, "head dim"),
     (dict(bias=True, q_len=1023), False, "odd T"),
     (dict(precision=True), False, "precision"),
+    (dict(sinks=True), False, "sinks"),  # applied through the lse, which cuDNN does not return
 ]
 
 
@@ -71,9 +72,35 @@ def test_cudnn_eligibility_table(kw, ok, words):
     ("cpu", dict(q_len=16, kv_len=16), "xla"),
     ("rocm", dict(is_causal=True), "pallas_gpu"),
     ("cpu", dict(pallas_interpret=True), "xla_chunked"),
+    ("cuda", dict(is_causal=True, sinks=True), "pallas_gpu"),
+    ("cpu", dict(forward_mode=True), "xla"),  # jax.jvp: the one that JAX differentiates, any size
+    ("cuda", dict(is_causal=True, forward_mode=True), "xla"),
 ])
 def test_auto_order_per_platform(platform, kw, chosen):
     assert registry.select(_features(platform=platform, **kw), None).name == chosen
+
+
+def test_call_features_record_sinks_and_forward_mode(monkeypatch):
+    """dot_product_attention sets the features dispatch decides on: sinks (cuDNN passed over on
+    CUDA) and forward-mode differentiation (seen by the real call, under jax.jvp)."""
+    q = jnp.zeros((1, 16, 4, 64), jnp.bfloat16)
+    with attnjax.target_platform("cuda"):
+        assert attnjax.explain_dispatch(q, q, q, is_causal=True).chosen == "cudnn"
+        report = attnjax.explain_dispatch(q, q, q, is_causal=True, sinks=jnp.zeros(4))
+        assert report.chosen == "pallas_gpu" and report.features.sinks
+    seen = []
+    select = registry.select
+
+    def spy(f, implementation):
+        seen.append(f.forward_mode)
+        return select(f, implementation)
+
+    monkeypatch.setattr(registry, "select", spy)
+    x = jnp.ones((1, 8, 2, 4))
+    f = lambda x: attnjax.dot_product_attention(x, x, x)
+    jax.block_until_ready(jax.jvp(f, (x,), (x,)))
+    jax.block_until_ready(f(x))
+    assert seen == [True, False]
 
 
 def test_auto_on_cpu_is_unchanged():

@@ -474,6 +474,7 @@ def dot_product_attention(
         pallas_interpret=pallas_config.interpret_enabled(),
         flex=mask_mod is not None or score_mod is not None or block_mask is not None,
         forward_mode=_forward_mode(query, key, value, bias, logits_soft_cap),
+        sinks=sinks is not None,
     )
     if (features.platform in ("cuda", "rocm") and not features.pallas_interpret
             and (mask_mod is not None or score_mod is not None)):

@@ -20,8 +20,9 @@ What the installed jax (0.10.2, ``jax/_src/nn/functions.py`` and
   T and S dims as cuDNN requires (``jax.nn`` folds the mask into the bias as a large negative
   number; B and N dims may stay broadcast); with a bias, training needs even T and S
   (``check_is_flash_attention``), so odd T or S with a bias is not eligible;
-* not served: segment ids, soft cap, dropout, ``Hv != H``, an explicit ``precision``, and
-  ``return_residual`` (cuDNN's log-sum-exp has no gradient: its VJP drops that cotangent).
+* not served: segment ids, soft cap, dropout, ``Hv != H``, an explicit ``precision``,
+  ``return_residual`` (cuDNN's log-sum-exp has no gradient: its VJP drops that cotangent) and
+  ``sinks`` (applied through the log-sum-exp).
 
 Fully masked rows (cuDNN leaves them as the mean of the values, or 0 for padded query rows) are
 found from the masks themselves: positionally in O(B·T) (causal, window, lengths), and through
@@ -59,7 +60,7 @@ class CuDNN(Implementation):
     serves = ("causal (top-left: query_offset 0), left window (right 0 or causal), q/kv lengths, "
               "bias, dense mask, GQA, H <= 256 (128 before sm90) and H % 8 == 0, Hv == H; "
               "not: segment ids, soft cap, dropout, other query_offset, right window, "
-              "return_residual")
+              "return_residual, sinks")
 
     def unsupported(self, f: CallFeatures, auto: bool):
         reason = super().unsupported(f, auto)
@@ -81,6 +82,7 @@ def translation_reason(f: CallFeatures) -> str | None:
         (f.dropout, "dropout"),
         (f.precision, "an explicit precision"),
         (f.return_residual, "return_residual (its log-sum-exp has no gradient)"),
+        (f.sinks, "sinks (they rescale by the log-sum-exp, which cuDNN does not return)"),
         (f.value_head_dim != f.head_dim, f"Hv={f.value_head_dim} != H={f.head_dim}"),
         (f.head_dim > MAX_HEAD_DIM or f.head_dim % 8 != 0,
          f"head dim H={f.head_dim} (needs H % 8 == 0 and H <= {MAX_HEAD_DIM})"),

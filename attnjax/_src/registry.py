@@ -61,6 +61,7 @@ class CallFeatures:
       precision: an explicit matmul ``precision`` was given.
       pallas_interpret: inside :func:`attnjax.pallas_interpret` (Pallas kernels interpreted).
       flex: a ``mask_mod``, ``score_mod`` or ``block_mask`` was given.
+      sinks: ``sinks`` given (applied to the implementation's output and log-sum-exp).
       forward_mode: the call is differentiated in forward mode (``jax.jvp``, ``jax.jacfwd``): an
         input is a JVP tracer. ``implementation=None`` then takes only implementations that JAX
         differentiates itself (``"xla"``, at any size).
@@ -97,6 +98,7 @@ class CallFeatures:
     flex: bool = False  # a mask_mod, score_mod or block_mask (callables): see supports_flex
     flex_gpu_reason: str | None = None
     forward_mode: bool = False
+    sinks: bool = False
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
