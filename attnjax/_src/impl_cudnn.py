@@ -86,7 +86,7 @@ def translation_reason(f: CallFeatures) -> str | None:
         (f.value_head_dim != f.head_dim, f"Hv={f.value_head_dim} != H={f.head_dim}"),
         (f.head_dim > MAX_HEAD_DIM or f.head_dim % 8 != 0,
          f"head dim H={f.head_dim} (needs H % 8 == 0 and H <= {MAX_HEAD_DIM})"),
-        (f.offset == "array", "a per-row or traced query_offset (causal is top-left only)"),
+        (f.offset == "array", "a per-row or array query_offset (causal is top-left only)"),
         (f.offset == "static" and f.static_offset != 0 and (f.is_causal or f.window is not None),
          f"query_offset={f.static_offset} (cuDNN's causal/window is top-left: offset 0 only)"),
         (f.window is not None and f.window[1] != 0 and not f.is_causal,

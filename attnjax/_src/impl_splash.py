@@ -91,7 +91,8 @@ class Splash(Implementation):
             return _IMPORT_ERROR
         for flag, what in (
             (f.bias, "bias"), (f.mask, "a dense boolean mask"), (f.dropout, "dropout"),
-            (f.offset == "array", "a per-row or traced query_offset (splash masks are static)"),
+            (f.offset == "array", "a per-row or array query_offset (splash masks are static: pass a "
+             "Python or NumPy int)"),
             (f.precision, "an explicit precision"),
             (f.soft_cap_traced, "a traced logits_soft_cap (its soft cap is a static float)"),
         ):
