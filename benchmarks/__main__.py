@@ -114,7 +114,7 @@ def run_longest(args) -> int:
 
     budget, what = _budget(args)
     print(format_host(machine_info()))
-    print(f"memory budget: {budget / GIB:.1f} GiB = {what}")
+    print(f"memory budget: {budget / GIB:.3g} GiB = {what}")
     backends = all_backends()
     results = []
     for name in args.impl:
@@ -157,7 +157,7 @@ def run_sweep_cli(args) -> int:
     print(f"attnjax-bench: B={cfg.batch} N={cfg.heads} H={cfg.head_dim} "
           f"T={','.join(map(str, cfg.sizes))} (+{','.join(map(str, cfg.long_sizes)) or 'none'} "
           f"memory-efficient only), {','.join(cfg.dtypes)}; memory budget "
-          f"{budget / GIB:.1f} GiB = {what}")
+          f"{budget / GIB:.3g} GiB = {what}")
     t0 = time.perf_counter()
     result = run_sweep(cfg, progress=not args.no_progress)
     result["budget"] = what
@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.masks:
         from .mask_bench import main as mask_main
 
+        if args.mask_length < 16 or args.mask_length % 16:
+            build_parser().error(f"--mask-length must be a positive multiple of 16 (the mask "
+                                 f"sweep packs 16 equal documents), got {args.mask_length}")
+        print("mask sweep: uses --mask-length, --heads, --head-dim and --repeats (B=1, float32, "
+              "16 documents); the sweep's other options do not apply", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         mask_main(["--length", str(args.mask_length), "--heads", str(args.heads),
                    "--head-dim", str(args.head_dim), "--repeats", str(args.repeats),

@@ -112,6 +112,11 @@ def main(argv=None):
     for name in args.files:
         with open(name) as f:
             data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not all(
+                isinstance(r, dict) and {"B", "K", "dtype", "L", "T"} <= r.keys()
+                for r in data["rows"]):
+            ap.error(f"{name} is not a JSON file written by decode_bench.py --json (it needs "
+                     "'rows' with B, K, dtype, L, T)")
         runs.append(data["rows"])
         host = {k: v for k, v in data.get("host", {}).items() if k != "date_utc"}
         desc = format_host(host) if host else "(no host recorded)"

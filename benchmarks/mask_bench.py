@@ -83,6 +83,12 @@ def main(argv=None):
     ap.add_argument("--json", default="mask_bench.json")
     ap.add_argument("--skip", nargs="*", default=[], help="case names to skip")
     args = ap.parse_args(argv)
+    for name in ("length", "docs", "heads", "head_dim", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.length % args.docs:
+        ap.error(f"--length {args.length} must be a multiple of --docs {args.docs} "
+                 "(equal-length documents)")
     B, L, N, H = 1, args.length, args.heads, args.head_dim
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((B, L, N, H)), jnp.float32) for _ in range(3))
@@ -120,6 +126,9 @@ def main(argv=None):
     print(f"CPU: {info['model']} ({info['isa']}, {info['cores']} cores); jax {jax.__version__}; "
           f"B={B} N={N} H={H} T=S={L} float32, fwd+bwd, median of {args.repeats} rounds "
           f"(cases timed in turn within each round)")
+    unknown = [name for name in args.skip if name not in cases]
+    if unknown:
+        ap.error(f"--skip: unknown case names {unknown}; the cases are {list(cases)}")
     todo = {name: fn for name, fn in cases.items() if name not in args.skip}
     timed = time_round_robin(
         todo, (q, k, v), args.repeats,
@@ -154,6 +163,7 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump(dict(cpu=info, jax=jax.__version__, B=B, N=N, H=H, T=L, S=L,
                        repeats=args.repeats, results=results, ratios=ratios), f, indent=1)
+    print(f"wrote {args.json}")
     return results, ratios
 
 

@@ -44,6 +44,8 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     a = p.parse_args(argv)
+    if a.min_log2 > a.max_log2:
+        p.error(f"--min-log2 {a.min_log2} is greater than --max-log2 {a.max_log2}")
     print(format_host())
     print(f"B=1, N={a.heads}, H={a.head_dim}, float32; XLA temp bytes from memory_analysis()")
     print("| T = S | xla fwd | xla fwd+bwd | xla_chunked fwd | xla_chunked fwd+bwd |")

@@ -108,6 +108,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-time", action="store_true", help="memory only")
     args = ap.parse_args(argv)
+    seg = 2 if args.layout == "zigzag" else 1  # zigzag: two segments per device
+    need = seg * max(DEVICE_COUNTS)
+    if args.total % need or args.total < need:
+        ap.error(f"--total {args.total} must be a positive multiple of {need} ({seg} segment(s) "
+                 f"on each of up to {max(DEVICE_COUNTS)} devices, layout {args.layout})")
+    if args.per_device % seg or args.per_device < seg:
+        ap.error(f"--per-device {args.per_device} must be a positive multiple of {seg} "
+                 f"(layout {args.layout})")
 
     print(f"# {format_host()}\n")
     print(f"# ring attention, simulated CPU devices ({jax.device_count()} available); "

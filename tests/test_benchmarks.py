@@ -449,3 +449,30 @@ def test_kernel_profile_swaps_the_kernel_that_xla_chunked_calls(monkeypatch):
     jax.block_until_ready(jax.jit(
         lambda q: attnjax.dot_product_attention(q, q, q, implementation="xla_chunked"))(q))
     assert calls
+
+
+@pytest.mark.parametrize("module,argv,words", [
+    ("mask_bench", ["--length", "500"], "--length 500 must be a multiple of --docs 16"),
+    ("mask_bench", ["--length", "64", "--docs", "4", "--skip", "bogus"], "unknown case names"),
+    ("ring_bench", ["--total", "520"], "--total 520 must be a positive multiple of 16"),
+    ("ring_bench", ["--layout", "contiguous", "--total", "8", "--per-device", "0"],
+     "--per-device 0 must be a positive multiple of 1"),
+    ("memory_table", ["--min-log2", "12", "--max-log2", "10"], "is greater than --max-log2"),
+    ("__main__", ["--masks", "--mask-length", "1000"], "--mask-length must be a positive multiple"),
+])
+def test_benchmark_scripts_reject_bad_options_before_running(module, argv, words, capsys):
+    """Options the scripts cannot run with are refused up front (argparse's exit 2 and a message
+    naming the option), not by a traceback after minutes of work."""
+    mod = importlib.import_module(f"attnjax.benchmarks.{module}")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_decode_summary_refuses_a_json_not_from_decode_bench(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {}, "rows": [{"impl": "jax.nn"}]}))
+    with pytest.raises(SystemExit):
+        decode_summary_main([str(path)])
+    assert "is not a JSON file written by decode_bench.py --json" in capsys.readouterr().err
