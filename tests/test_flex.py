@@ -601,3 +601,22 @@ def test_flax_modules_pass_mods_through():
                      key_value_segment_ids=seg, bias=bias, sinks=sinks)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     del nn
+
+
+@pytest.mark.parametrize("num_buckets,max_distance,bidirectional", [
+    (16, 8, False), (32, 8, True), (2, 8, True), (1, 8, False)])
+def test_t5_buckets_refuse_a_max_distance_within_the_exact_buckets(num_buckets, max_distance,
+                                                                  bidirectional):
+    """max_distance <= the exact buckets made T5's log scale divide by log(1) = 0: the buckets
+    fell near INT32_MIN and indexed the bias table out of range (JAX clamps: silently another
+    entry). Refused now; one past the exact buckets stays inside [0, num_buckets)."""
+    with pytest.raises(ValueError, match="max_distance must exceed"):
+        masks.t5_bucket(jnp.arange(-20, 21), num_buckets, max_distance, bidirectional)
+    with pytest.raises(ValueError, match="max_distance must exceed"):
+        masks.t5_relative_bias(jnp.zeros((num_buckets, 2)), max_distance=max_distance,
+                               bidirectional=bidirectional)
+    if num_buckets >= (4 if bidirectional else 2):
+        exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+        got = np.asarray(masks.t5_bucket(jnp.arange(-200, 201), num_buckets, exact + 1,
+                                         bidirectional))
+        assert got.min() == 0 and got.max() == num_buckets - 1

@@ -145,9 +145,27 @@ def alibi(slopes) -> ScoreMod:
     return score_mod
 
 
+def _check_t5(num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+    """T5's log-spaced buckets need ``max_distance`` beyond the exact ones (else the log scale
+    divides by zero and the buckets leave the table)."""
+    half = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = half // 2
+    if max_exact < 1 or max_distance <= max_exact:
+        kind = "bidirectional" if bidirectional else "one direction"
+        raise ValueError(
+            f"t5 buckets ({kind}): num_buckets={num_buckets} gives {max_exact} exact buckets per "
+            f"direction; max_distance must exceed that, and num_buckets must be at least "
+            f"{4 if bidirectional else 2}; got max_distance={max_distance}")
+
+
 def t5_bucket(relative_position, num_buckets: int = 32, max_distance: int = 128,
               bidirectional: bool = True):
-    """T5's relative-position bucket of ``kv_idx - q_idx`` (int array -> int32 array)."""
+    """T5's relative-position bucket of ``kv_idx - q_idx`` (int array -> int32 array).
+
+    Raises ``ValueError`` unless ``max_distance`` exceeds the exact buckets (``num_buckets // 4``
+    bidirectional, ``num_buckets // 2`` one direction).
+    """
+    _check_t5(num_buckets, max_distance, bidirectional)
     n = -relative_position
     ret = jnp.zeros_like(n)
     if bidirectional:
@@ -168,6 +186,7 @@ def t5_relative_bias(table, *, max_distance: int = 128, bidirectional: bool = Tr
     """T5 learned relative position bias: ``score + table[bucket(kv_idx - q_idx), h]``
     (``table``: float ``(num_buckets, N)``, differentiable when traced)."""
     num_buckets = table.shape[0]
+    _check_t5(num_buckets, max_distance, bidirectional)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         del b
