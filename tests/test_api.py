@@ -218,12 +218,13 @@ def test_is_causal_accepts_what_jax_nn_accepts_and_a_traced_one_is_named():
         jax.jit(lambda c: attnjax.dot_product_attention(q, k, v, is_causal=c))(True)
 
 
-@pytest.mark.parametrize("impl", [None, "xla", "xla_chunked"])
+@pytest.mark.parametrize("impl,dtype", [(None, jnp.float32), (None, jnp.bfloat16),
+                                        ("xla", jnp.float32), ("xla_chunked", jnp.bfloat16)])
 @pytest.mark.parametrize("empty", ["batch", "query", "key", "query_unbatched"])
-def test_empty_batch_or_sequence_as_jax_nn(impl, empty):
-    """B, T or S of zero: the shapes jax.nn returns; with S = 0 every row sees no key, so zeros
-    and a log-sum-exp of -inf (the sinks' logits with sinks), and zero gradients."""
-    q, k, v = _qkv()
+def test_empty_batch_or_sequence_as_jax_nn(impl, dtype, empty):
+    """B, T or S of zero: the shapes and dtypes jax.nn returns; with S = 0 every row sees no key,
+    so zeros and a log-sum-exp of -inf (the sinks' logits with sinks), and zero gradients."""
+    q, k, v = _qkv(dtype)
     if empty == "batch":
         q, k, v = q[:0], k[:0], v[:0]
     elif empty == "query":

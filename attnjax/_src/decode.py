@@ -154,7 +154,41 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def step_lengths(query_seq_lengths, B: int, T: int):
+def plan_step(cache: KVCache, query_seq_lengths, B: int, T: int):
+    """Where a step of ``T`` tokens goes: ``(P, n, overflow, idx)``.
+
+    ``P`` int32 ``(B,)`` the rows' lengths before the step; ``n`` the tokens each row adds
+    (:func:`_step_lengths`); ``overflow`` bool ``(B,)``, rows a plain cache cannot hold (``None``
+    for a ring buffer; when the lengths are concrete such a row raises ``ValueError`` here);
+    ``idx`` int32 ``(B, T)`` the slot of each token, ``L`` (dropped by :func:`_write`) for the
+    tokens not written (past ``n``, or overwritten within the step in a ring).
+    """
+    L = cache.key.shape[1]
+    P = cache.lengths.astype(jnp.int32)
+    n = _step_lengths(query_seq_lengths, B, T)
+    overflow = None
+    if cache.window is None:
+        overflow = P + n > L
+        if _is_concrete(P) and _is_concrete(n):
+            bad = np.asarray(overflow)
+            if bad.any():
+                rows = np.nonzero(bad)[0].tolist()
+                raise ValueError(
+                    f"cache overflow: rows {rows} hold {np.asarray(P)[rows].tolist()} tokens and "
+                    f"this step adds {np.asarray(n)[rows].tolist()}, but max_length is {L}; "
+                    "use a larger cache or KVCache.create(..., window=W)"
+                )
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    pos_new = P[:, None] + t
+    if cache.window is not None:
+        keep = (t < n[:, None]) & (t >= n[:, None] - L)
+        idx = jnp.where(keep, jnp.mod(pos_new, L), L)
+    else:
+        idx = jnp.where(t < n[:, None], pos_new, L)
+    return P, n, overflow, idx
+
+
+def _step_lengths(query_seq_lengths, B: int, T: int):
     """The tokens each row adds in a step of ``T``: int32 ``(B,)``, ``T`` when ``None``.
 
     Raises ``ValueError`` for a wrong shape or dtype, and (when the values are concrete, i.e.
@@ -594,20 +628,7 @@ def cached_attention(
         w = cache.window - 1
         window_left = w if window_left is None else min(window_left, w)
 
-    P = cache.lengths.astype(jnp.int32)
-    n = step_lengths(query_seq_lengths, B, T)
-    overflow = None
-    if not ring:
-        overflow = P + n > L
-        if _is_concrete(P) and _is_concrete(n):
-            bad = np.asarray(overflow)
-            if bad.any():
-                rows = np.nonzero(bad)[0].tolist()
-                raise ValueError(
-                    f"cache overflow: rows {rows} hold {np.asarray(P)[rows].tolist()} tokens and "
-                    f"this step adds {np.asarray(n)[rows].tolist()}, but max_length is {L}; "
-                    "use a larger cache or KVCache.create(..., window=W)"
-                )
+    P, n, overflow, idx = plan_step(cache, query_seq_lengths, B, T)
 
     chunks = as_chunk_size(chunk_size)
     if scale is None:
@@ -677,11 +698,6 @@ def cached_attention(
     # 2. Write the valid new tokens into their slots first (out-of-range indices are dropped):
     #    writing before reading lets XLA update a donated cache in place, with no copy.
     # 3. The cached positions < P still in the buffer, read chunk by chunk (split-K).
-    if ring:
-        keep = (t < n[:, None]) & (t >= n[:, None] - L)
-        idx = jnp.where(keep, jnp.mod(pos_new, L), L)
-    else:
-        idx = jnp.where(t < n[:, None], pos_new, L)
     static = (window_left, ring, logits_soft_cap, decode_chunk, precision)
     args = (qs, key, value, cache.key, cache.value, idx, P, P + n)
     if _native_reason(cdt, cache, T, hook, logits_soft_cap) is None:

@@ -291,6 +291,14 @@ def mod_depends_on(fn: Callable, *example_args) -> tuple[bool, ...]:
     return tuple(result)
 
 
+def _depends_on_b_h(mask_mod: Callable, T: int, S: int) -> tuple[bool, bool]:
+    """Whether ``mask_mod``'s output depends on its ``b`` and ``h`` arguments (by tracing)."""
+    idx = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+    deps = mod_depends_on(mask_mod, idx, idx, jax.ShapeDtypeStruct((1, 1, T, 1), jnp.int32),
+                          jax.ShapeDtypeStruct((1, 1, 1, S), jnp.int32))
+    return deps[0], deps[1]
+
+
 def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, S: int, *,
                       block_size: int | tuple[int, int] | None = None,
                       query_offset: int = 0) -> BlockMask:
@@ -354,9 +362,7 @@ def create_block_mask(mask_mod: Callable, B: int | None, N: int | None, T: int, 
         bq, bk = as_chunk_size(block_size).resolve(T, S)
     check_mods(mask_mod, None, Bm, Nm, T, S, jnp.float32)
     if B is None or N is None:
-        idx = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
-        deps = mod_depends_on(mask_mod, idx, idx, jax.ShapeDtypeStruct((1, 1, T, 1), jnp.int32),
-                              jax.ShapeDtypeStruct((1, 1, 1, S), jnp.int32))
+        deps = _depends_on_b_h(mask_mod, T, S)
         for name, size, arg, dep in (("B", B, "b", deps[0]), ("N", N, "h", deps[1])):
             if size is None and dep:
                 raise ValueError(
@@ -416,10 +422,7 @@ def check_block_mask(block_mask, B: int, N: int, T: int, S: int, mask_mod, query
     if block_mask.mask_mod is not None and ((Bm == 1 < B) or (Nm == 1 < N)):
         # One row / head of classes broadcast over the call's: right only for a mask_mod that
         # ignores b / h (its classes hold for b = 0 / h = 0 only; full blocks skip the mask).
-        idx = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
-        deps = mod_depends_on(block_mask.mask_mod, idx, idx,
-                              jax.ShapeDtypeStruct((1, 1, T, 1), jnp.int32),
-                              jax.ShapeDtypeStruct((1, 1, 1, S), jnp.int32))
+        deps = _depends_on_b_h(block_mask.mask_mod, T, S)
         for name, built, size, arg, dep in (("B", Bm, B, "b", deps[0]), ("N", Nm, N, "h", deps[1])):
             if built == 1 < size and dep:
                 raise ValueError(

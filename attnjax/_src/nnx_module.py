@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.nn import attention as _stock
 
-from attnjax._src.decode import KVCache, cached_attention, step_lengths
+from attnjax._src.decode import KVCache, _write, cached_attention, plan_step
 from attnjax._src.flax_fn import default_kv_inputs, flax_attention_fn
 from attnjax._src.flax_fn import first_not_none as _first
 
@@ -300,8 +298,6 @@ def _decode_with(attention_fn, query, key, value, cache: KVCache, query_seq_leng
     concrete; under ``jit`` the overflowing rows' outputs are NaN (as ``cached_attention``)."""
     B, T = query.shape[:2]
     L = cache.key.shape[1]
-    P = cache.lengths.astype(jnp.int32)
-    n = step_lengths(query_seq_lengths, B, T)
     ring = cache.window is not None
     if ring and T > 1:
         raise ValueError(
@@ -310,20 +306,11 @@ def _decode_with(attention_fn, query, key, value, cache: KVCache, query_seq_leng
             "later ones overwrite (attention_fn=None serves any T)")
     if not ring and T > L:
         raise ValueError(f"a step of T={T} tokens does not fit in a cache of max_length {L}")
-    overflow = None if ring else P + n > L
-    if overflow is not None and not isinstance(overflow, jax.core.Tracer) and bool(overflow.any()):
-        rows = np.nonzero(np.asarray(overflow))[0].tolist()
-        raise ValueError(
-            f"cache overflow: rows {rows} hold {np.asarray(P)[rows].tolist()} tokens and this "
-            f"step adds {np.asarray(n)[rows].tolist()}, but max_length is {L}; use a larger "
-            "cache or init_cache(..., window=W)")
+    P, n, overflow, idx = plan_step(cache, query_seq_lengths, B, T)  # raises on overflow
+    key_cache = _write(cache.key, key, idx)
+    value_cache = _write(cache.value, value, idx)
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
     qpos = P[:, None] + t  # (B, T) positions of this step's tokens
-    slot = qpos % L if ring else qpos
-    slot = jnp.where(t < n[:, None], slot, L)  # tokens past a row's length: not written
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
-    key_cache = cache.key.at[rows, slot].set(key.astype(cache.key.dtype), mode="drop")
-    value_cache = cache.value.at[rows, slot].set(value.astype(cache.value.dtype), mode="drop")
     end = P + n  # positions < end are cached after this step
     j = jnp.arange(L, dtype=jnp.int32)[None, :]
     if ring:  # slot j holds the latest position p < end with p % L == j
